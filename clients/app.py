@@ -1,0 +1,61 @@
+"""The Flower ClientApp: a phone's train and evaluate handlers.
+
+Thin by design: unpack the message, call `fedmilm.training`, keep the personal part in device
+storage, reply with the global update and metrics only. No training text, no personal tensor and
+no raw loss per example ever goes into a reply or a log line.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmilm.clients.phone import phone_for
+from fedmilm import protocol
+from fedmilm.runtime import quiet_offline_env
+from fedmilm.training import evaluate_phone, train_phone
+
+quiet_offline_env()
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on the phone's private data; reply with the update of the global part."""
+    phone = phone_for(msg, context)
+    space, (examples, _) = phone.space, phone.examples()
+    received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
+    outcome = train_phone(space, global_state=received,
+                          personal_state=phone.storage.load_personal(space),
+                          examples=examples, train=phone.cfg.train, seed=phone.task_seed)
+    phone.storage.save_personal(space, outcome.personal)
+    stats = outcome.stats
+    metrics = MetricRecord({
+        protocol.NUM_EXAMPLES: len(examples),
+        protocol.TRAIN_LOSS: float(stats.loss),
+        protocol.TRAIN_STEPS: stats.steps,
+        protocol.TRAIN_TOKENS: stats.tokens,
+        protocol.TRAIN_SECONDS: float(stats.seconds),
+    })
+    content = RecordDict({protocol.UPDATE_ARRAYS: ArrayRecord(outcome.update),
+                          protocol.METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Held-out losses of base, base + global and base + global + personal."""
+    phone = phone_for(msg, context)
+    space, (_, heldout) = phone.space, phone.examples()
+    received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
+    outcome = evaluate_phone(space, global_state=received,
+                             personal_state=phone.storage.load_personal(space),
+                             examples=heldout, batch_size=phone.cfg.train.eval_batch_size,
+                             loss_base=phone.base_loss)
+    phone.remember_base_loss(outcome.loss_base)
+    values = {protocol.NUM_EXAMPLES: outcome.examples, protocol.LOSS_BASE: outcome.loss_base,
+              protocol.LOSS_GLOBAL: outcome.loss_global}
+    if outcome.loss_personal is not None:
+        values[protocol.LOSS_PERSONAL] = outcome.loss_personal
+    content = RecordDict({protocol.METRICS: MetricRecord(values)})
+    return Message(content=content, reply_to=msg)

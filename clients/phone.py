@@ -1,0 +1,90 @@
+"""What a phone needs for a message: its config, its adapter space, its data, its storage.
+
+Everything expensive is cached per process: in simulation one Ray worker serves many virtual
+phones, so the base model is loaded once and only adapter tensors change per phone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import Context, Message
+from omegaconf import OmegaConf
+
+from fedmilm.clients.storage import DeviceStorage
+from fedmilm import protocol
+from fedmilm.adapters import AdapterSpace, cached_adapter_space
+from fedmilm.config import FedMilmConfig, load_config
+from fedmilm.data import Example, encode_all, load_user
+
+
+@lru_cache(maxsize=8)
+def _config(text: str) -> FedMilmConfig:
+    return load_config(OmegaConf.create(text))
+
+
+def _space(cfg: FedMilmConfig) -> AdapterSpace:
+    return cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                seed=cfg.seed)
+
+
+@lru_cache(maxsize=1024)
+def _examples(config_text: str, user: int) -> tuple[list[Example], list[Example]]:
+    cfg = _config(config_text)
+    tokenizer, max_length = _space(cfg).tokenizer, cfg.data.max_length
+    data = load_user(cfg.data, user=user, seed=cfg.seed)
+    return (encode_all(tokenizer, data.train, max_length),
+            encode_all(tokenizer, data.heldout, max_length))
+
+
+# Held-out loss of the frozen base model per (config, user): it can never change within a run.
+_BASE_LOSSES: dict[tuple[str, int], float] = {}
+
+
+@dataclass(frozen=True)
+class Phone:
+    """One phone's view of the current message."""
+
+    config_text: str
+    user: int
+    storage: DeviceStorage
+    server_round: int
+
+    @property
+    def cfg(self) -> FedMilmConfig:
+        return _config(self.config_text)
+
+    @property
+    def space(self) -> AdapterSpace:
+        return _space(self.cfg)
+
+    def examples(self) -> tuple[list[Example], list[Example]]:
+        """(train, held-out) examples of this phone's user, tokenised once per process."""
+        return _examples(self.config_text, self.user)
+
+    @property
+    def base_loss(self) -> float | None:
+        """This phone's base-model held-out loss if this process computed it before."""
+        return _BASE_LOSSES.get((self.config_text, self.user))
+
+    def remember_base_loss(self, value: float) -> None:
+        _BASE_LOSSES[(self.config_text, self.user)] = value
+
+    @property
+    def task_seed(self) -> int:
+        """Distinct per (run seed, round, user), identical on a rerun."""
+        return (self.cfg.seed * 1_000_003 + self.server_round * 10_007 + self.user) % 2**31
+
+
+def phone_for(msg: Message, context: Context) -> Phone:
+    """Resolve config, user and storage for this message."""
+    config = msg.content.config_records[protocol.CONFIG]
+    user = int(context.node_config[protocol.PARTITION_ID])
+    if protocol.DEVICE_DIR in context.node_config:
+        folder = Path(str(context.node_config[protocol.DEVICE_DIR]))
+    else:
+        folder = Path(str(config[protocol.STORAGE_ROOT])) / str(user)
+    return Phone(config_text=str(config[protocol.RUN_CONFIG]), user=user,
+                 storage=DeviceStorage(folder), server_round=int(config[protocol.SERVER_ROUND]))

@@ -1,0 +1,51 @@
+"""A phone's own storage: its personal adapter, which never leaves the device."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from fedmilm.adapters.space import AdapterSpace, State
+
+PERSONAL_FILE = "personal_adapter.safetensors"
+META_FILE = "personal_adapter.json"
+
+
+def _fingerprint(space: AdapterSpace) -> str:
+    """Identifies the adapter layout, so a stale file from another setup is never loaded."""
+    layout = [(k, list(space.initial[k].shape)) for k in space.personal_keys]
+    return hashlib.sha256(json.dumps([space.mode, layout]).encode()).hexdigest()[:16]
+
+
+class DeviceStorage:
+    """The folder `devices/<id>/` of one (virtual) phone."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def load_personal(self, space: AdapterSpace) -> State:
+        """The stored personal part, or its initial value on a phone's first round."""
+        if not space.personal_keys:
+            return {}
+        path = self.folder / PERSONAL_FILE
+        if not path.is_file():
+            return space.initial_state(space.personal_keys)
+        meta = json.loads((self.folder / META_FILE).read_text())
+        if meta.get("layout") != _fingerprint(space):
+            raise ValueError(f"{path} was written for a different model/LoRA/personalization "
+                             "setup; use a new run directory or delete that file")
+        return load_file(str(path))
+
+    def save_personal(self, space: AdapterSpace, personal: State) -> None:
+        """Write atomically (temp file + rename): a crash never leaves a half-written adapter."""
+        if not personal:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{PERSONAL_FILE}.tmp"
+        save_file({k: v.contiguous() for k, v in personal.items()}, str(tmp))
+        (self.folder / META_FILE).write_text(json.dumps({"layout": _fingerprint(space)}))
+        os.replace(tmp, self.folder / PERSONAL_FILE)

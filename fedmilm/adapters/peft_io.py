@@ -1,0 +1,33 @@
+"""Write the global adapter in PEFT's own format, loadable with `PeftModel.from_pretrained`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from fedmilm.adapters.space import AdapterSpace, State, adapter_names
+
+
+def save_global_adapter(space: AdapterSpace, global_state: State, folder: str | Path,
+                        *, base_model: str) -> Path:
+    """Save only the global tensors as a PEFT adapter (personal tensors never reach disk here).
+
+    Under `fedsa` the file holds the shared A matrices; PEFT then starts B from its zero init.
+    The space's model is used as a template and gets `global_state` loaded into it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = adapter_names(space.mode)[0]
+    space.load(global_state)
+    tensors = get_peft_model_state_dict(space.model, adapter_name=name)
+    wanted = {key.replace(f".{name}.", ".") for key in global_state}
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items() if k in wanted}
+    if len(tensors) != len(global_state):
+        raise RuntimeError(f"PEFT export found {len(tensors)} of {len(global_state)} global tensors")
+    config = space.model.peft_config[name]
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder

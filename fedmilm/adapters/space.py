@@ -1,0 +1,127 @@
+"""The LoRA adapter space of one (base model, LoRA setup, personalisation mode).
+
+A space wraps the frozen base model with PEFT LoRA once, records every adapter tensor at its
+initial value, and splits the tensors into the *global* part (travels, is averaged) and the
+*personal* part (never leaves the phone). Clients swap tensors in place per virtual client, so one
+space per worker process serves every phone that process simulates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import PreTrainedTokenizerBase
+
+from fedmilm.config.schema import ArchitectureConfig, LoraConfig, ModelConfig
+from fedmilm.model import load_base_model, load_tokenizer
+
+State = dict[str, torch.Tensor]
+
+
+def adapter_names(mode: str) -> tuple[str, ...]:
+    """PEFT adapter names a mode installs; the first one holds the global part."""
+    return ("global", "personal") if mode == "dual" else ("default",)
+
+
+def is_global(key: str, mode: str) -> bool:
+    """Whether an adapter tensor (by PEFT parameter name) belongs to the global part."""
+    if mode == "none":
+        return True
+    if mode == "fedsa":  # FedSA-LoRA: share A, keep B
+        return ".lora_A." in key
+    if mode == "dual":
+        return ".global." in key
+    raise ValueError(f"personalization.mode={mode!r} is unknown; choose none, fedsa or dual")
+
+
+@dataclass
+class AdapterSpace:
+    """A PEFT model plus the bookkeeping to move its adapter tensors in and out."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    mode: str
+    global_keys: tuple[str, ...]
+    personal_keys: tuple[str, ...]
+    initial: State  # float32 copy of every adapter tensor right after initialisation
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        return {k: p for k, p in self.model.named_parameters() if k in self.initial}
+
+    def state(self, keys: tuple[str, ...]) -> State:
+        """Float32 copies of the named adapter tensors (what may be stored or sent)."""
+        params = self._params()
+        return {k: params[k].detach().to(torch.float32).clone() for k in keys}
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy tensors into the model in place; unknown keys or shapes are an error."""
+        params = self._params()
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise KeyError(f"{len(unknown)} tensor(s) are not adapter tensors here, "
+                           f"e.g. {unknown[0]!r}")
+        with torch.no_grad():
+            for key, value in state.items():
+                if value.shape != params[key].shape:
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} != "
+                                     f"{tuple(params[key].shape)}")
+                params[key].copy_(value)
+
+    def initial_state(self, keys: tuple[str, ...]) -> State:
+        """The initial values of the named tensors (what a phone starts from)."""
+        return {k: self.initial[k].clone() for k in keys}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters the local optimizer updates: every adapter tensor, global and personal."""
+        return list(self._params().values())
+
+
+def build_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: str,
+                        seed: int) -> AdapterSpace:
+    """Load the base model and wrap it with LoRA, deterministically from `seed`."""
+    tokenizer = load_tokenizer(model_cfg)
+    base = load_base_model(model_cfg, tokenizer, seed)
+    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
+                              lora_dropout=lora_cfg.dropout,
+                              target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+    names = adapter_names(mode)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, peft_cfg, adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, peft_cfg)
+    model.base_model.set_adapter(list(names))  # all adapters active and trainable together
+    keys = [k for k, p in model.named_parameters() if p.requires_grad]
+    initial = {k: p.detach().to(torch.float32).clone()
+               for k, p in model.named_parameters() if k in set(keys)}
+    return AdapterSpace(
+        model=model, tokenizer=tokenizer, mode=mode,
+        global_keys=tuple(k for k in keys if is_global(k, mode)),
+        personal_keys=tuple(k for k in keys if not is_global(k, mode)),
+        initial=initial,
+    )
+
+
+@lru_cache(maxsize=1)
+def _cached(key: str) -> AdapterSpace:
+    spec = json.loads(key)
+    model = spec["model"]
+    if model["architecture"] is not None:
+        model["architecture"] = ArchitectureConfig(**model["architecture"])
+    return build_adapter_space(ModelConfig(**model), LoraConfig(**spec["lora"]),
+                               mode=spec["mode"], seed=spec["seed"])
+
+
+def cached_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: str,
+                         seed: int) -> AdapterSpace:
+    """The per-process space: the base model is loaded once and reused by every client this
+    process serves (one entry: a different setup replaces it rather than doubling memory)."""
+    key = json.dumps({"model": asdict(model_cfg), "lora": asdict(lora_cfg), "mode": mode,
+                      "seed": seed}, sort_keys=True)
+    return _cached(key)

@@ -1,0 +1,25 @@
+"""Weighted averaging of adapter updates (FedAvg on the global part)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedmilm.adapters.space import State
+
+
+def weighted_mean(updates: Sequence[State], weights: Sequence[float]) -> State:
+    """sum_i w_i * u_i / sum_i w_i, key by key, in float32."""
+    if not updates:
+        raise ValueError("nothing to average")
+    if len(updates) != len(weights) or any(w <= 0 for w in weights):
+        raise ValueError("need one positive weight per update")
+    total = float(sum(weights))
+    return {key: sum(w * u[key].to(torch.float32) for u, w in zip(updates, weights)) / total
+            for key in updates[0]}
+
+
+def apply_update(state: State, update: State) -> State:
+    """The new global state: state + update."""
+    return {k: state[k] + update[k] for k in state}

@@ -1,0 +1,36 @@
+"""Turn a composed Hydra/OmegaConf config into the typed, validated `FedMilmConfig`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedmilm.config.schema import FedMilmConfig
+from fedmilm.config.validate import ConfigError, validate_config
+
+
+def load_config(raw: DictConfig | dict[str, Any]) -> FedMilmConfig:
+    """Merge `raw` onto the schema (types, unknown keys), then run the semantic checks.
+
+    Hydra's own keys (`hydra:`) are ignored. Raises `ConfigError` with a readable message.
+    """
+    if isinstance(raw, DictConfig):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    raw = {k: v for k, v in dict(raw).items() if k != "hydra"}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FedMilmConfig), raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        reason = str(err).splitlines()[0]
+        raise ConfigError([f"{key}: {reason}"]) from err
+    assert isinstance(cfg, FedMilmConfig)
+    validate_config(cfg)
+    return cfg
+
+
+def to_yaml(cfg: FedMilmConfig) -> str:
+    """Serialise a typed config (used to ship it to the ServerApp and into the run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,106 @@
+"""Typed schema of the composed Hydra config.
+
+Defaults live in `conf/`; these dataclasses only name the keys and their types, so a typo or a
+wrong type in an override fails with the full key name before anything is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ArchitectureConfig:
+    """Shape of a Llama-architecture model built from a config (random init)."""
+
+    hidden_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    intermediate_size: int = MISSING
+    max_position_embeddings: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Which frozen base model the phones run."""
+
+    source: str = MISSING  # smollm2 | llama-config | hf
+    name: str = MISSING
+    path: str | None = None
+    dtype: str = MISSING
+    cache_dir: str = MISSING
+    architecture: ArchitectureConfig | None = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter hyper-parameters (PEFT)."""
+
+    r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    target_modules: list[str] = field(default_factory=list)
+    variant: str = MISSING  # standard (ffa arrives with the privacy work)
+
+
+@dataclass
+class DataConfig:
+    """Where each phone's private interactions come from."""
+
+    source: str = MISSING  # synthetic | jsonl
+    path: str | None = None
+    train_per_user: int = MISSING
+    heldout_per_user: int = MISSING
+    heldout_fraction: float = MISSING
+    zh_fraction: float = MISSING
+    max_length: int = MISSING
+    system_prompt: str | None = None
+
+
+@dataclass
+class PersonalizationConfig:
+    """How the adapter splits into a travelling global part and a personal part."""
+
+    mode: str = MISSING  # none | fedsa | dual
+
+
+@dataclass
+class TrainConfig:
+    """Local training on one phone in one round."""
+
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    eval_batch_size: int = MISSING
+
+
+@dataclass
+class FederationConfig:
+    """Population, cohort and round structure of the federation."""
+
+    num_clients: int = MISSING
+    clients_per_round: int = MISSING
+    clients_per_eval: int | None = None
+    rounds: int = MISSING
+    min_replies: int = MISSING
+    round_timeout_s: float = MISSING
+    max_update_norm: float = MISSING
+    cpus_per_client: int = MISSING
+    total_cpus: int | None = None
+
+
+@dataclass
+class FedMilmConfig:
+    """Root of the composed config."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    seed: int = MISSING

@@ -1,0 +1,54 @@
+"""Pictures of a run: held-out loss per round and per-phone personal vs global loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_losses(records: list[dict], path: Path) -> Path:
+    """Mean held-out loss of base, base + global, base + global + personal, per round."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [r["round"] for r in records]
+    for key, label in (("loss_base", "base"), ("loss_global", "base + global"),
+                       ("loss_personal", "base + global + personal")):
+        values = [r[key] for r in records]
+        if any(v is not None for v in values):
+            ax.plot(rounds, [float("nan") if v is None else v for v in values], marker="o",
+                    label=label)
+    train = [r["train_loss"] for r in records]
+    if any(v is not None for v in train):
+        ax.plot(rounds, [float("nan") if v is None else v for v in train], linestyle="--",
+                color="grey", label="local training loss")
+    ax.set(xlabel="round", ylabel="loss per assistant token", title="Held-out loss per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_clients(record: dict, path: Path) -> Path:
+    """Per phone after the last evaluated round: global vs personal held-out loss."""
+    clients = sorted(record["per_client"], key=lambda c: c["loss_global"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(clients)), 4))
+    xs = range(len(clients))
+    ax.bar([x - 0.2 for x in xs], [c["loss_global"] for c in clients], width=0.4,
+           label="base + global")
+    personal = [c["loss_personal"] for c in clients]
+    if any(p is not None for p in personal):
+        ax.bar([x + 0.2 for x in xs], [float("nan") if p is None else p for p in personal],
+               width=0.4, label="base + global + personal")
+    ax.set_xticks(list(xs), [str(i) for i in xs])
+    ax.set(xlabel="phone (sorted by global loss)", ylabel="held-out loss",
+           title=f"Per-phone held-out loss after round {record['round']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,71 @@
+"""Per-round metrics: the record written to `metrics.jsonl`, one JSON object a line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import fmean
+
+
+@dataclass(frozen=True)
+class ClientEval:
+    """One phone's held-out losses (keyed by Flower node id: the server never learns more)."""
+
+    node: int
+    loss_base: float
+    loss_global: float
+    loss_personal: float | None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """Everything a user needs to judge one round. Privacy fields are null without DP."""
+
+    round: int
+    clients: int                   # phones whose update was aggregated
+    sampled: int
+    rejected: int
+    train_loss: float | None
+    loss_base: float | None
+    loss_global: float | None
+    loss_personal: float | None
+    bytes_up: int                  # update bytes received this round, all phones together
+    bytes_down: int                # global-adapter bytes sent for training
+    seconds: float
+    tokens_per_s: float | None     # local training throughput summed over phones
+    epsilon_user: float | None = None
+    epsilon_sample_max: float | None = None
+    delta: float | None = None
+    per_client: list[ClientEval] = field(default_factory=list)
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    """Mean of the non-null values, or None when there are none."""
+    present = [v for v in values if v is not None]
+    return fmean(present) if present else None
+
+
+def append_record(path: Path, record: RoundRecord) -> None:
+    """Append one round to `metrics.jsonl` (flushed, so a crash keeps every finished round)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(asdict(record)) + "\n")
+        handle.flush()
+
+
+def read_records(path: Path) -> list[dict]:
+    """All rounds of a run, in order."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def format_progress(record: RoundRecord, total_rounds: int) -> str:
+    """One human line per round."""
+    def fmt(value: float | None) -> str:
+        return "  -  " if value is None else f"{value:.3f}"
+
+    return (f"round {record.round:>3}/{total_rounds} | clients {record.clients}/{record.sampled}"
+            f" (rejected {record.rejected}) | train {fmt(record.train_loss)} | held-out base "
+            f"{fmt(record.loss_base)} global {fmt(record.loss_global)} personal "
+            f"{fmt(record.loss_personal)} | {record.bytes_up / 1e6:.2f} MB up | "
+            f"{record.seconds:.1f} s")

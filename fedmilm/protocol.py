@@ -1,0 +1,29 @@
+"""Names of everything that crosses the wire between ServerApp and ClientApp.
+
+Server and client both import these constants, so a key can never drift between them.
+"""
+
+# ArrayRecord keys
+GLOBAL_ARRAYS = "global"      # server -> phone: the current global part of the adapter
+UPDATE_ARRAYS = "update"      # phone -> server: trained global part minus received global part
+
+# ConfigRecord key and its fields
+CONFIG = "config"
+SERVER_ROUND = "server-round"
+RUN_CONFIG = "fedmilm-config"  # the validated run config as YAML (model, LoRA, data, training)
+STORAGE_ROOT = "storage-root"  # simulation only: where virtual phones keep their device storage
+
+# MetricRecord key and its fields
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_STEPS = "train-steps"
+TRAIN_TOKENS = "train-tokens"
+TRAIN_SECONDS = "train-seconds"
+LOSS_BASE = "loss-base"
+LOSS_GLOBAL = "loss-global"
+LOSS_PERSONAL = "loss-personal"   # absent when the mode has no personal part
+
+# node_config keys
+PARTITION_ID = "partition-id"     # set by Flower's simulation engine; the phone's user index
+DEVICE_DIR = "device-dir"         # deployment: the phone's own storage folder

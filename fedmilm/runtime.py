@@ -1,0 +1,35 @@
+"""Process-wide settings every entry point applies: offline, no phoning home, quiet logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",        # Flower telemetry is on by default
+    "FLWR_DISABLE_UPDATE_CHECK": "1",     # Flower checks for updates online
+    "RAY_DISABLE_USAGE_STATS": "1",       # Ray usage stats
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",                # never reach a model hub
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",    # fork-safety warnings of HF tokenizers
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # a Ray FutureWarning on every run
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # never uv-sync a second torch stack
+}
+
+
+def quiet_offline_env() -> None:
+    """Force the offline/no-telemetry variables (a user may not turn telemetry back on by
+    accident through an inherited environment) and silence library progress bars."""
+    os.environ.update(OFFLINE_ENV)
+    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every wrap.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
+    for noisy in ("alembic", "urllib3", "filelock"):  # INFO chatter under Hydra's root logger
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -1,0 +1,32 @@
+"""Causal-LM loss over assistant tokens, summed so that batches of different sizes combine."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fedmilm.data.chat import IGNORE, Batch
+
+
+def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over labelled positions, number of such positions)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    # Predict token t+1 from positions <= t: logits (B, T-1, V) against labels (B, T-1).
+    shifted = logits[:, :-1].float()
+    targets = batch.labels[:, 1:]
+    total = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches: list[Batch]) -> float:
+    """Mean held-out loss per assistant token."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = token_loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+    if count == 0:
+        raise ValueError("no assistant tokens to evaluate on (all truncated away?)")
+    return total / count

@@ -1,0 +1,72 @@
+"""One phone's work in a round: train or evaluate given the global and personal tensors.
+
+Pure functions over an `AdapterSpace`: no Flower, no storage. The ClientApp (and the benchmarks)
+call these, so simulation, deployment and the no-Flower baseline run the very same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedmilm.adapters.space import AdapterSpace, State
+from fedmilm.config.schema import TrainConfig
+from fedmilm.data.chat import Example, batches
+from fedmilm.training.local import TrainStats, train_local
+from fedmilm.training.loss import mean_loss
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """The update of the global part (what may travel) and the new personal part (what stays)."""
+
+    update: State
+    personal: State
+    stats: TrainStats
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """Held-out loss per assistant token of the three models a phone can run."""
+
+    loss_base: float
+    loss_global: float           # global part, personal part at its initial value
+    loss_personal: float | None  # global + personal; None when nothing is personal
+    examples: int
+
+
+def train_phone(space: AdapterSpace, *, global_state: State, personal_state: State,
+                examples: list[Example], train: TrainConfig, seed: int) -> TrainOutcome:
+    """Install both parts, train locally, return the global update and the personal part."""
+    space.load(global_state)
+    space.load(personal_state)
+    stats = train_local(space.model, space.trainable_parameters(), examples,
+                        epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
+                        weight_decay=train.weight_decay,
+                        pad_id=space.tokenizer.pad_token_id, seed=seed)
+    trained = space.state(space.global_keys)
+    update = {k: trained[k] - global_state[k] for k in space.global_keys}
+    return TrainOutcome(update=update, personal=space.state(space.personal_keys), stats=stats)
+
+
+def evaluate_phone(space: AdapterSpace, *, global_state: State, personal_state: State,
+                   examples: list[Example], batch_size: int,
+                   loss_base: float | None = None) -> EvalOutcome:
+    """Losses of base, base + global, base + global + personal on held-out examples.
+
+    The base model and the held-out set never change, so a caller may pass `loss_base` from an
+    earlier evaluation of the same phone and save a third of the work.
+    """
+    held = batches(examples, batch_size=batch_size, pad_id=space.tokenizer.pad_token_id)
+    if loss_base is None:
+        with space.model.disable_adapter():
+            loss_base = mean_loss(space.model, held)
+    space.load(global_state)
+    space.load(space.initial_state(space.personal_keys))
+    loss_global = mean_loss(space.model, held)
+    loss_personal = None
+    if space.personal_keys:
+        space.load(personal_state)
+        loss_personal = mean_loss(space.model, held)
+    return EvalOutcome(loss_base=loss_base, loss_global=loss_global,
+                       loss_personal=loss_personal, examples=len(examples))
+

@@ -1,0 +1,1 @@
+"""The Flower ServerApp of fedmilm (installed as `fedmilm.server`)."""

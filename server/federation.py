@@ -1,0 +1,119 @@
+"""The server's round loop: sample, train, validate, aggregate, evaluate, record, finish."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+from flwr.serverapp import Grid
+
+from fedmilm import protocol
+from fedmilm.adapters import AdapterSpace, State, cached_adapter_space, save_global_adapter
+from fedmilm.aggregation import apply_update, weighted_mean
+from fedmilm.config import FedMilmConfig, to_yaml
+from fedmilm.metrics import (ClientEval, RoundRecord, append_record, format_progress,
+                             mean_or_none, plot_clients, plot_losses, read_records)
+from fedmilm.server.messages import (EVALUATE, TRAIN, ClientUpdate, build_messages, collect_evals,
+                             collect_updates)
+
+log = logging.getLogger("fedmilm.server")
+
+NODE_WAIT_S = 120.0  # how long to wait for the simulated/deployed phones to register
+
+
+def wait_for_nodes(grid: Grid, *, wanted: int, needed: int) -> list[int]:
+    """Node ids once `wanted` phones are connected; after NODE_WAIT_S settle for `needed`."""
+    deadline = time.monotonic() + NODE_WAIT_S
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted:
+            return nodes
+        if time.monotonic() > deadline:
+            if len(nodes) >= needed:
+                log.warning("only %d of %d phones connected; continuing", len(nodes), wanted)
+                return nodes
+            raise RuntimeError(f"only {len(nodes)} phones connected after {NODE_WAIT_S:.0f} s; "
+                               f"federation.clients_per_round needs {needed}")
+        time.sleep(0.5)
+
+
+def _round_record(server_round: int, *, sampled: int, accepted: list[ClientUpdate],
+                  rejected: int, evals: list[ClientEval], bytes_down: int,
+                  started: float) -> RoundRecord:
+    seconds = sum(u.seconds for u in accepted)
+    return RoundRecord(
+        round=server_round, clients=len(accepted), sampled=sampled, rejected=rejected,
+        train_loss=mean_or_none([u.train_loss for u in accepted]),
+        loss_base=mean_or_none([e.loss_base for e in evals]),
+        loss_global=mean_or_none([e.loss_global for e in evals]),
+        loss_personal=mean_or_none([e.loss_personal for e in evals]),
+        bytes_up=sum(u.nbytes for u in accepted), bytes_down=bytes_down,
+        seconds=time.perf_counter() - started,
+        tokens_per_s=sum(u.tokens for u in accepted) / seconds if seconds > 0 else None,
+        per_client=evals,
+    )
+
+
+def _finish(space: AdapterSpace, global_state: State, cfg: FedMilmConfig, run_dir: Path) -> None:
+    base = cfg.model.path or cfg.model.name
+    save_global_adapter(space, global_state, run_dir / "global_adapter", base_model=base)
+    records = read_records(run_dir / "metrics.jsonl")
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_losses(records, plots / "loss_per_round.png")
+    evaluated = [r for r in records if r["per_client"]]
+    if evaluated:
+        plot_clients(evaluated[-1], plots / "per_client_loss.png")
+
+
+def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
+    """Run every round and write the run directory; returns the final global part."""
+    fed = cfg.federation
+    config_text, storage_root = to_yaml(cfg), str(run_dir / "devices")
+    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                 seed=cfg.seed)
+    global_state = space.initial_state(space.global_keys)
+    nodes = wait_for_nodes(grid, wanted=fed.num_clients, needed=fed.clients_per_round)
+    sampler = random.Random(f"fedmilm-sampling:{cfg.seed}")
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    log.info("federation: %d phones, %d per round, %d rounds, personalization=%s, %d global "
+             "tensors", len(nodes), fed.clients_per_round, fed.rounds, cfg.personalization.mode,
+             len(space.global_keys))
+    for server_round in range(1, fed.rounds + 1):
+        started = time.perf_counter()
+        # ---- train: sample, send the global part, collect and validate updates
+        cohort = sorted(sampler.sample(nodes, fed.clients_per_round))
+        train_msgs = build_messages(cohort, message_type=TRAIN, global_state=global_state,
+                                    server_round=server_round, config_text=config_text,
+                                    storage_root=storage_root)
+        replies = list(grid.send_and_receive(train_msgs, timeout=fed.round_timeout_s))
+        accepted, rejected = collect_updates(replies, global_state, max_norm=fed.max_update_norm)
+        rejected += len(cohort) - len(replies)  # no reply before the deadline
+        # ---- aggregate: FedAvg of the updates, weighted by examples
+        if len(accepted) >= fed.min_replies:
+            mean = weighted_mean([u.update for u in accepted], [u.num_examples for u in accepted])
+            global_state = apply_update(global_state, mean)
+        else:
+            log.warning("round %d skipped: %d valid replies < federation.min_replies=%d",
+                        server_round, len(accepted), fed.min_replies)
+        # ---- evaluate: held-out losses on the phones
+        eval_nodes = (nodes if fed.clients_per_eval is None
+                      else sorted(sampler.sample(nodes, fed.clients_per_eval)))
+        eval_msgs = build_messages(eval_nodes, message_type=EVALUATE, global_state=global_state,
+                                   server_round=server_round, config_text=config_text,
+                                   storage_root=storage_root)
+        evals = collect_evals(list(grid.send_and_receive(eval_msgs,
+                                                         timeout=fed.round_timeout_s)))
+        # ---- record
+        bytes_down = sum(m.content.array_records[protocol.GLOBAL_ARRAYS].count_bytes() for m in train_msgs)
+        record = _round_record(server_round, sampled=len(cohort), accepted=accepted,
+                               rejected=rejected, evals=evals, bytes_down=bytes_down,
+                               started=started)
+        append_record(metrics_path, record)
+        log.info(format_progress(record, fed.rounds))
+    # ---- finish: PEFT adapter and plots
+    _finish(space, global_state, cfg, run_dir)
+    return global_state

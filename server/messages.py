@@ -1,0 +1,111 @@
+"""Build the messages the server sends and read the replies it gets, as typed values."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from fedmilm import protocol
+from fedmilm.adapters import State
+from fedmilm.aggregation import update_problem
+from fedmilm.metrics import ClientEval
+
+log = logging.getLogger("fedmilm.server")
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One accepted training reply."""
+
+    node: int
+    update: State
+    num_examples: int
+    train_loss: float
+    tokens: int
+    seconds: float
+    nbytes: int
+
+
+def build_messages(nodes: list[int], *, message_type: str, global_state: State,
+                   server_round: int, config_text: str, storage_root: str) -> list[Message]:
+    """One message per node, each with its own fresh records."""
+    messages = []
+    for node in nodes:
+        config = ConfigRecord({protocol.SERVER_ROUND: server_round,
+                               protocol.RUN_CONFIG: config_text,
+                               protocol.STORAGE_ROOT: storage_root})
+        content = RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(global_state),
+                              protocol.CONFIG: config})
+        messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
+    return messages
+
+
+def _reject(node: int, reason: str) -> None:
+    log.warning("round reply from node %d rejected: %s", node, reason)
+
+
+def _parse_update(reply: Message, reference: State, max_norm: float) -> ClientUpdate | str:
+    content = reply.content
+    if protocol.UPDATE_ARRAYS not in content.array_records:
+        return f"no '{protocol.UPDATE_ARRAYS}' arrays in the reply"
+    if protocol.METRICS not in content.metric_records:
+        return f"no '{protocol.METRICS}' metrics in the reply"
+    arrays = content.array_records[protocol.UPDATE_ARRAYS]
+    try:
+        update = arrays.to_torch_state_dict()
+    except Exception as err:  # noqa: BLE001 - any undecodable payload is a bad reply
+        return f"undecodable arrays ({type(err).__name__})"
+    problem = update_problem(update, reference, max_norm=max_norm)
+    if problem:
+        return problem
+    metrics = content.metric_records[protocol.METRICS]
+    examples = int(metrics.get(protocol.NUM_EXAMPLES, 0))
+    if examples <= 0:
+        return f"'{protocol.NUM_EXAMPLES}' must be a positive count"
+    return ClientUpdate(node=reply.metadata.src_node_id, update=update, num_examples=examples,
+                        train_loss=float(metrics.get(protocol.TRAIN_LOSS, float("nan"))),
+                        tokens=int(metrics.get(protocol.TRAIN_TOKENS, 0)),
+                        seconds=float(metrics.get(protocol.TRAIN_SECONDS, 0.0)),
+                        nbytes=arrays.count_bytes())
+
+
+def collect_updates(replies: list[Message], reference: State, *,
+                    max_norm: float) -> tuple[list[ClientUpdate], int]:
+    """Accepted updates and the number rejected; every rejection is logged with its node id."""
+    accepted, rejected = [], 0
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            _reject(node, f"client error: {reply.error.reason}")
+            rejected += 1
+            continue
+        parsed = _parse_update(reply, reference, max_norm)
+        if isinstance(parsed, str):
+            _reject(node, parsed)
+            rejected += 1
+        else:
+            accepted.append(parsed)
+    return accepted, rejected
+
+
+def collect_evals(replies: list[Message]) -> list[ClientEval]:
+    """Per-phone held-out losses from the evaluate replies that carry them."""
+    evals = []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error() or protocol.METRICS not in reply.content.metric_records:
+            reason = reply.error.reason if reply.has_error() else "no metrics"
+            log.warning("evaluation reply from node %d dropped: %s", node, reason)
+            continue
+        m = reply.content.metric_records[protocol.METRICS]
+        personal = m.get(protocol.LOSS_PERSONAL)
+        evals.append(ClientEval(node=node, loss_base=float(m[protocol.LOSS_BASE]),
+                                loss_global=float(m[protocol.LOSS_GLOBAL]),
+                                loss_personal=None if personal is None else float(personal)))
+    return sorted(evals, key=lambda e: e.node)
+
+
+TRAIN = MessageType.TRAIN
+EVALUATE = MessageType.EVALUATE
