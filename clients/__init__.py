@@ -1,1 +1,1 @@
-"""The Flower ClientApp of fedmilm and the phone's device storage (installed as `fedmilm.clients`)."""
+"""The Flower ClientApp and the phone's device storage (installed as `fedmilm.clients`)."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmilm.clients.phone import phone_for
 from fedmilm import protocol
+from fedmilm.clients.phone import phone_for
 from fedmilm.runtime import quiet_offline_env
 from fedmilm.training import evaluate_phone, train_phone
 

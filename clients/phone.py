@@ -13,9 +13,9 @@ from pathlib import Path
 from flwr.app import Context, Message
 from omegaconf import OmegaConf
 
-from fedmilm.clients.storage import DeviceStorage
 from fedmilm import protocol
 from fedmilm.adapters import AdapterSpace, cached_adapter_space
+from fedmilm.clients.storage import DeviceStorage
 from fedmilm.config import FedMilmConfig, load_config
 from fedmilm.data import Example, encode_all, load_user
 

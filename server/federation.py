@@ -13,10 +13,24 @@ from fedmilm import protocol
 from fedmilm.adapters import AdapterSpace, State, cached_adapter_space, save_global_adapter
 from fedmilm.aggregation import apply_update, weighted_mean
 from fedmilm.config import FedMilmConfig, to_yaml
-from fedmilm.metrics import (ClientEval, RoundRecord, append_record, format_progress,
-                             mean_or_none, plot_clients, plot_losses, read_records)
-from fedmilm.server.messages import (EVALUATE, TRAIN, ClientUpdate, build_messages, collect_evals,
-                             collect_updates)
+from fedmilm.metrics import (
+    ClientEval,
+    RoundRecord,
+    append_record,
+    format_progress,
+    mean_or_none,
+    plot_clients,
+    plot_losses,
+    read_records,
+)
+from fedmilm.server.messages import (
+    EVALUATE,
+    TRAIN,
+    ClientUpdate,
+    build_messages,
+    collect_evals,
+    collect_updates,
+)
 
 log = logging.getLogger("fedmilm.server")
 
@@ -108,7 +122,8 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
         evals = collect_evals(list(grid.send_and_receive(eval_msgs,
                                                          timeout=fed.round_timeout_s)))
         # ---- record
-        bytes_down = sum(m.content.array_records[protocol.GLOBAL_ARRAYS].count_bytes() for m in train_msgs)
+        bytes_down = sum(m.content.array_records[protocol.GLOBAL_ARRAYS].count_bytes()
+                         for m in train_msgs)
         record = _round_record(server_round, sampled=len(cohort), accepted=accepted,
                                rejected=rejected, evals=evals, bytes_down=bytes_down,
                                started=started)

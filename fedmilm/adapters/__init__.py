@@ -1,8 +1,13 @@
 """LoRA adapters: the global/personal split, in-place swapping, PEFT export."""
 
 from fedmilm.adapters.peft_io import save_global_adapter
-from fedmilm.adapters.space import (AdapterSpace, State, build_adapter_space,
-                                    cached_adapter_space, is_global)
+from fedmilm.adapters.space import (
+                                    AdapterSpace,
+                                    State,
+                                    build_adapter_space,
+                                    cached_adapter_space,
+                                    is_global,
+)
 
 __all__ = ["AdapterSpace", "State", "build_adapter_space", "cached_adapter_space", "is_global",
            "save_global_adapter"]

@@ -25,7 +25,7 @@ def save_global_adapter(space: AdapterSpace, global_state: State, folder: str | 
     wanted = {key.replace(f".{name}.", ".") for key in global_state}
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items() if k in wanted}
     if len(tensors) != len(global_state):
-        raise RuntimeError(f"PEFT export found {len(tensors)} of {len(global_state)} global tensors")
+        raise RuntimeError(f"PEFT export found {len(tensors)} of {len(global_state)} tensors")
     config = space.model.peft_config[name]
     config.base_model_name_or_path = base_model
     config.save_pretrained(str(folder))

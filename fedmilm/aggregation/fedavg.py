@@ -16,8 +16,8 @@ def weighted_mean(updates: Sequence[State], weights: Sequence[float]) -> State:
     if len(updates) != len(weights) or any(w <= 0 for w in weights):
         raise ValueError("need one positive weight per update")
     total = float(sum(weights))
-    return {key: sum(w * u[key].to(torch.float32) for u, w in zip(updates, weights)) / total
-            for key in updates[0]}
+    return {key: sum(w * u[key].to(torch.float32) for u, w in zip(updates, weights, strict=True))
+            / total for key in updates[0]}
 
 
 def apply_update(state: State, update: State) -> State:

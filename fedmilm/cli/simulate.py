@@ -19,7 +19,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from fedmilm.cli.common import CONFIG_DIR, load_or_exit, load_component, prepare_model  # noqa: E402
+from fedmilm.cli.common import CONFIG_DIR, load_component, load_or_exit, prepare_model  # noqa: E402
 from fedmilm.config import FedMilmConfig, to_yaml  # noqa: E402
 from fedmilm.metrics import read_records  # noqa: E402
 
@@ -52,7 +52,8 @@ def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
     run_simulation(server_app=server_app, client_app=load_component(CLIENT_APP),
                    num_supernodes=cfg.federation.num_clients,
                    backend_config=backend_config(cfg))
-    records = read_records(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    metrics = run_dir / "metrics.jsonl"
+    records = read_records(metrics) if metrics.exists() else []
     if len(records) != cfg.federation.rounds:
         raise RuntimeError(f"the federation stopped after {len(records)} of "
                            f"{cfg.federation.rounds} rounds; see the log above")

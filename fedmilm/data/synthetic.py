@@ -76,7 +76,7 @@ def make_persona(rng: random.Random, lang: str) -> Persona:
     street = rng.choice(_ZH_STREETS if zh else _EN_STREETS)
     return Persona(
         lang=lang,
-        contacts=tuple(zip(relations, names)),
+        contacts=tuple(zip(relations, names, strict=False)),
         home=f"{street}{number}号" if zh else f"{number} {street}",
         work=rng.choice(_ZH_WORK if zh else _EN_WORK),
         wake=f"{rng.randint(5, 8)}:{rng.choice(['00', '15', '30', '45'])}",

@@ -1,8 +1,14 @@
 """Run metrics: per-round records, progress lines, plots."""
 
 from fedmilm.metrics.plots import plot_clients, plot_losses
-from fedmilm.metrics.records import (ClientEval, RoundRecord, append_record, format_progress,
-                                     mean_or_none, read_records)
+from fedmilm.metrics.records import (
+                                     ClientEval,
+                                     RoundRecord,
+                                     append_record,
+                                     format_progress,
+                                     mean_or_none,
+                                     read_records,
+)
 
 __all__ = ["ClientEval", "RoundRecord", "append_record", "format_progress", "mean_or_none",
            "plot_clients", "plot_losses", "read_records"]

@@ -59,6 +59,7 @@ def test_cached_space_is_reused_per_process(tiny_cfg):
     assert cached_adapter_space(tiny_cfg.model, tiny_cfg.lora, mode="none", seed=0) is not first
 
 
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # fedsa: B is not global
 @pytest.mark.parametrize("mode", ["none", "fedsa", "dual"])
 def test_global_adapter_loads_with_peft(tmp_path, mode):
     cfg, space = _space(mode)

@@ -48,6 +48,6 @@ def test_batches_pad_and_shuffle_deterministically(tokenizer):
     again = batches(examples, batch_size=2, pad_id=tokenizer.pad_token_id,
                     generator=torch.Generator().manual_seed(0))
     assert [b.input_ids.shape[0] for b in out] == [2, 2, 1]
-    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(out, again))
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(out, again, strict=False))
     padded = torch.cat([b.labels[b.attention_mask == 0] for b in out])
     assert padded.numel() > 0 and (padded == IGNORE).all()

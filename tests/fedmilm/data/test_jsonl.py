@@ -42,7 +42,7 @@ def test_malformed_line_names_file_and_line(tmp_path, line, needle):
     _write(tmp_path / "u.jsonl", [json.dumps(CONV), "", line])
     with pytest.raises(DataFormatError) as err:
         load_user(_cfg(tmp_path), user=0, seed=0)
-    assert f"u.jsonl:3" in str(err.value) and needle in str(err.value)
+    assert "u.jsonl:3" in str(err.value) and needle in str(err.value)
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

@@ -54,5 +54,6 @@ def test_train_and_heldout_are_disjoint_and_sized():
 
 def test_system_prompt_is_prepended():
     data = load_user(_cfg(system_prompt="Be brief."), user=1, seed=0)
-    assert all(c[0] == {"role": "system", "content": "Be brief."} for c in data.train + data.heldout)
+    system = {"role": "system", "content": "Be brief."}
+    assert all(c[0] == system for c in data.train + data.heldout)
     assert [m["role"] for m in data.train[0]] == ["system", "user", "assistant"]

@@ -1,7 +1,15 @@
 from __future__ import annotations
 
-from fedmilm.metrics import (ClientEval, RoundRecord, append_record, format_progress,
-                             mean_or_none, plot_clients, plot_losses, read_records)
+from fedmilm.metrics import (
+    ClientEval,
+    RoundRecord,
+    append_record,
+    format_progress,
+    mean_or_none,
+    plot_clients,
+    plot_losses,
+    read_records,
+)
 
 REQUIRED = {"round", "loss_base", "loss_global", "loss_personal", "epsilon_user",
             "epsilon_sample_max", "delta", "bytes_up", "clients"}

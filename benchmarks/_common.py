@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmark scripts: config composition and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from fedmilm.config import FedMilmConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "BENCHMARKS.md"
+
+
+def config(overrides: list[str]) -> FedMilmConfig:
+    """The config `fedmilm-simulate` would run with these overrides."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return load_config(compose(config_name="config", overrides=overrides))
+
+
+def machine() -> str:
+    """One line describing where the numbers came from."""
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+            f"threads, torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between `<!-- name -->` markers in BENCHMARKS.md."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    text = REPORT.read_text() if REPORT.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text}\n{block}\n"
+    REPORT.write_text(text)

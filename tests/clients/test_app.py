@@ -1,0 +1,78 @@
+"""The ClientApp handlers, called the way Flower calls them, and everything they send."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmilm import protocol
+from fedmilm.adapters import cached_adapter_space
+from fedmilm.clients.app import app
+from fedmilm.clients.storage import PERSONAL_FILE
+from fedmilm.config import to_yaml
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _call(cfg, message_type: str, tmp_path, user: int = 0, server_round: int = 1) -> Message:
+    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                 seed=cfg.seed)
+    config = ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.RUN_CONFIG: to_yaml(cfg),
+                           protocol.STORAGE_ROOT: str(tmp_path / "devices")})
+    content = RecordDict({protocol.GLOBAL_ARRAYS:
+                          ArrayRecord(space.initial_state(space.global_keys)),
+                          protocol.CONFIG: config})
+    msg = Message(content=content, dst_node_id=11, message_type=message_type)
+    context = Context(run_id=1, node_id=11, node_config={protocol.PARTITION_ID: user},
+                      state=RecordDict(), run_config={})
+    return app(msg, context)
+
+
+@pytest.mark.parametrize("mode", ["none", "fedsa", "dual"])
+def test_train_reply_carries_only_the_global_update(tmp_path, mode):
+    cfg = tiny_config(f"personalization={mode}")
+    space = cached_adapter_space(cfg.model, cfg.lora, mode=mode, seed=cfg.seed)
+    reply = _call(cfg, MessageType.TRAIN, tmp_path, user=3)
+    assert not reply.has_error()
+    content = reply.content
+    # Exactly one ArrayRecord (the update) and one MetricRecord; no ConfigRecord, no text.
+    assert list(content.array_records) == [protocol.UPDATE_ARRAYS]
+    assert list(content.metric_records) == [protocol.METRICS]
+    assert not content.config_records
+    update = content.array_records[protocol.UPDATE_ARRAYS].to_torch_state_dict()
+    assert set(update) == set(space.global_keys)
+    assert not set(update) & set(space.personal_keys)
+    assert all(v.dtype == torch.float32 for v in update.values())
+    # The personal part went to the phone's own storage instead.
+    assert (tmp_path / "devices" / "3" / PERSONAL_FILE).exists() == bool(space.personal_keys)
+    metrics = content.metric_records[protocol.METRICS]
+    assert metrics[protocol.NUM_EXAMPLES] == cfg.data.train_per_user
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+
+
+def test_evaluate_reply_has_three_losses_and_nothing_else(tmp_path):
+    cfg = tiny_config("personalization=dual")
+    _call(cfg, MessageType.TRAIN, tmp_path, user=2)
+    reply = _call(cfg, MessageType.EVALUATE, tmp_path, user=2)
+    assert not reply.content.array_records and not reply.content.config_records
+    metrics = reply.content.metric_records[protocol.METRICS]
+    assert set(metrics) == {protocol.NUM_EXAMPLES, protocol.LOSS_BASE, protocol.LOSS_GLOBAL,
+                            protocol.LOSS_PERSONAL}
+    # The personal part trained on the phone and is in effect: it changes the loss.
+    assert metrics[protocol.LOSS_PERSONAL] != metrics[protocol.LOSS_GLOBAL]
+
+
+def test_bad_config_is_refused_naming_the_key(tmp_path):
+    """Flower's runtime turns a handler exception into an error reply (the server logs it)."""
+    from fedmilm.config import ConfigError
+
+    cfg = tiny_config()
+    cfg.data.source = "nonsense"
+    with pytest.raises(ConfigError, match="data.source"):
+        _call(cfg, MessageType.TRAIN, tmp_path)
