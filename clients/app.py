@@ -7,27 +7,48 @@ no raw loss per example ever goes into a reply or a log line.
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmilm import protocol
 from fedmilm.clients.phone import phone_for
+from fedmilm.clients.privacy import LEDGER_FILE, dp_sgd_for, open_ledger
+from fedmilm.privacy import BudgetExceeded, PrivacyLedger
 from fedmilm.runtime import quiet_offline_env
 from fedmilm.training import evaluate_phone, train_phone
 
 quiet_offline_env()
+log = logging.getLogger("fedmilm.client")
 app = ClientApp()
+
+
+def _declined(msg: Message, ledger: PrivacyLedger) -> Message:
+    metrics = MetricRecord({protocol.DECLINED: 1, protocol.EPSILON_SAMPLE: ledger.epsilon})
+    return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on the phone's private data; reply with the update of the global part."""
     phone = phone_for(msg, context)
-    space, (examples, _) = phone.space, phone.examples()
+    cfg, space, (examples, _) = phone.cfg, phone.space, phone.examples()
+    ledger, dp = None, None
+    if cfg.privacy.sample_level:
+        ledger = open_ledger(cfg, phone.storage.folder)
+        try:
+            dp = dp_sgd_for(cfg, ledger, len(examples))
+        except BudgetExceeded as err:
+            log.info("phone declines to train: %s", err)
+            return _declined(msg, ledger)
     received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
     outcome = train_phone(space, global_state=received,
                           personal_state=phone.storage.load_personal(space),
-                          examples=examples, train=phone.cfg.train, seed=phone.task_seed)
+                          examples=examples, train=cfg.train, seed=phone.task_seed, dp=dp,
+                          clip_norm=cfg.privacy.user.clip_norm if cfg.privacy.user_level else None)
+    if ledger is not None:  # the ledger is saved before anything derived from training leaves
+        ledger.save(phone.storage.folder / LEDGER_FILE)
     phone.storage.save_personal(space, outcome.personal)
     stats = outcome.stats
     metrics = MetricRecord({
@@ -36,6 +57,7 @@ def train(msg: Message, context: Context) -> Message:
         protocol.TRAIN_STEPS: stats.steps,
         protocol.TRAIN_TOKENS: stats.tokens,
         protocol.TRAIN_SECONDS: float(stats.seconds),
+        **({protocol.EPSILON_SAMPLE: ledger.epsilon} if ledger is not None else {}),
     })
     content = RecordDict({protocol.UPDATE_ARRAYS: ArrayRecord(outcome.update),
                           protocol.METRICS: metrics})

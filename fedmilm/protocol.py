@@ -23,6 +23,8 @@ TRAIN_SECONDS = "train-seconds"
 LOSS_BASE = "loss-base"
 LOSS_GLOBAL = "loss-global"
 LOSS_PERSONAL = "loss-personal"   # absent when the mode has no personal part
+EPSILON_SAMPLE = "epsilon-sample" # the phone's cumulative DP-SGD epsilon (sample-level DP only)
+DECLINED = "declined"             # 1: the phone declined to train (its privacy budget is spent)
 
 # node_config keys
 PARTITION_ID = "partition-id"     # set by Flower's simulation engine; the phone's user index

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 
 from fedmilm import protocol
 from fedmilm.adapters import AdapterSpace, State, cached_adapter_space, save_global_adapter
-from fedmilm.aggregation import apply_update, weighted_mean
+from fedmilm.aggregation import Aggregator, apply_update, create_aggregator
 from fedmilm.config import FedMilmConfig, to_yaml
 from fedmilm.metrics import (
     ClientEval,
@@ -21,12 +21,13 @@ from fedmilm.metrics import (
     mean_or_none,
     plot_clients,
     plot_losses,
+    plot_privacy,
     read_records,
 )
 from fedmilm.server.messages import (
     EVALUATE,
     TRAIN,
-    ClientUpdate,
+    TrainReplies,
     build_messages,
     collect_evals,
     collect_updates,
@@ -53,12 +54,25 @@ def wait_for_nodes(grid: Grid, *, wanted: int, needed: int) -> list[int]:
         time.sleep(0.5)
 
 
-def _round_record(server_round: int, *, sampled: int, accepted: list[ClientUpdate],
-                  rejected: int, evals: list[ClientEval], bytes_down: int,
-                  started: float) -> RoundRecord:
+def _warn_risky(cfg: FedMilmConfig) -> None:
+    if not cfg.privacy.user_level and not cfg.privacy.sample_level:
+        log.warning("differential privacy is off (privacy=none): updates are not clipped or "
+                    "noised; use privacy=sample|user|both for formal guarantees")
+    elif cfg.privacy.seeded_noise:
+        log.warning("privacy.seeded_noise=true: DP noise is reproducible from the seed; for "
+                    "tests only, never for real users")
+
+
+def _round_record(server_round: int, *, cohort: list[int], replies: TrainReplies,
+                  evals: list[ClientEval], bytes_down: int, started: float,
+                  aggregator: Aggregator, epsilon_sample: dict[int, float],
+                  cfg: FedMilmConfig) -> RoundRecord:
+    accepted = replies.accepted
     seconds = sum(u.seconds for u in accepted)
+    dp = cfg.privacy.user_level or cfg.privacy.sample_level
     return RoundRecord(
-        round=server_round, clients=len(accepted), sampled=sampled, rejected=rejected,
+        round=server_round, clients=len(accepted), sampled=len(cohort),
+        rejected=replies.rejected, declined=replies.declined,
         train_loss=mean_or_none([u.train_loss for u in accepted]),
         loss_base=mean_or_none([e.loss_base for e in evals]),
         loss_global=mean_or_none([e.loss_global for e in evals]),
@@ -66,6 +80,10 @@ def _round_record(server_round: int, *, sampled: int, accepted: list[ClientUpdat
         bytes_up=sum(u.nbytes for u in accepted), bytes_down=bytes_down,
         seconds=time.perf_counter() - started,
         tokens_per_s=sum(u.tokens for u in accepted) / seconds if seconds > 0 else None,
+        epsilon_user=aggregator.epsilon(),
+        epsilon_sample_max=max(epsilon_sample.values()) if epsilon_sample else None,
+        delta=cfg.privacy.delta if dp else None,
+        accountant=cfg.privacy.accountant if dp else None,
         per_client=evals,
     )
 
@@ -76,7 +94,11 @@ def _finish(space: AdapterSpace, global_state: State, cfg: FedMilmConfig, run_di
     records = read_records(run_dir / "metrics.jsonl")
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
+    if not records:
+        return
     plot_losses(records, plots / "loss_per_round.png")
+    if any(r["epsilon_user"] is not None or r["epsilon_sample_max"] is not None for r in records):
+        plot_privacy(records, plots / "epsilon_per_round.png")
     evaluated = [r for r in records if r["per_client"]]
     if evaluated:
         plot_clients(evaluated[-1], plots / "per_client_loss.png")
@@ -89,30 +111,42 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
     space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
                                  seed=cfg.seed)
     global_state = space.initial_state(space.global_keys)
+    aggregator = create_aggregator(cfg)
     nodes = wait_for_nodes(grid, wanted=fed.num_clients, needed=fed.clients_per_round)
     sampler = random.Random(f"fedmilm-sampling:{cfg.seed}")
+    epsilon_sample: dict[int, float] = {}
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
-    log.info("federation: %d phones, %d per round, %d rounds, personalization=%s, %d global "
-             "tensors", len(nodes), fed.clients_per_round, fed.rounds, cfg.personalization.mode,
-             len(space.global_keys))
+    _warn_risky(cfg)
+    log.info("federation: %d phones, %d per round, %d rounds, personalization=%s, privacy=%s, "
+             "%d global tensors", len(nodes), fed.clients_per_round, fed.rounds,
+             cfg.personalization.mode, cfg.privacy.mode, len(space.global_keys))
     for server_round in range(1, fed.rounds + 1):
+        if not aggregator.may_continue():
+            log.warning("stopping before round %d: it would exceed "
+                        "privacy.user.target_epsilon=%g", server_round,
+                        cfg.privacy.user.target_epsilon)
+            break
         started = time.perf_counter()
         # ---- train: sample, send the global part, collect and validate updates
-        cohort = sorted(sampler.sample(nodes, fed.clients_per_round))
+        cohort = aggregator.cohort(nodes, sampler)
         train_msgs = build_messages(cohort, message_type=TRAIN, global_state=global_state,
                                     server_round=server_round, config_text=config_text,
                                     storage_root=storage_root)
         replies = list(grid.send_and_receive(train_msgs, timeout=fed.round_timeout_s))
-        accepted, rejected = collect_updates(replies, global_state, max_norm=fed.max_update_norm)
-        rejected += len(cohort) - len(replies)  # no reply before the deadline
-        # ---- aggregate: FedAvg of the updates, weighted by examples
-        if len(accepted) >= fed.min_replies:
-            mean = weighted_mean([u.update for u in accepted], [u.num_examples for u in accepted])
-            global_state = apply_update(global_state, mean)
-        else:
+        sorted_replies = collect_updates(replies, global_state,
+                                         max_norm=aggregator.max_update_norm)
+        sorted_replies.rejected += len(cohort) - len(replies)  # no reply before the deadline
+        epsilon_sample.update(sorted_replies.epsilon_sample)
+        # ---- aggregate: FedAvg, or clipped + noised mean under user-level DP
+        accepted = sorted_replies.accepted
+        step = aggregator.aggregate([u.update for u in accepted],
+                                    [u.num_examples for u in accepted], global_state)
+        if step is None:
             log.warning("round %d skipped: %d valid replies < federation.min_replies=%d",
                         server_round, len(accepted), fed.min_replies)
+        else:
+            global_state = apply_update(global_state, step)
         # ---- evaluate: held-out losses on the phones
         eval_nodes = (nodes if fed.clients_per_eval is None
                       else sorted(sampler.sample(nodes, fed.clients_per_eval)))
@@ -124,9 +158,9 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
         # ---- record
         bytes_down = sum(m.content.array_records[protocol.GLOBAL_ARRAYS].count_bytes()
                          for m in train_msgs)
-        record = _round_record(server_round, sampled=len(cohort), accepted=accepted,
-                               rejected=rejected, evals=evals, bytes_down=bytes_down,
-                               started=started)
+        record = _round_record(server_round, cohort=cohort, replies=sorted_replies, evals=evals,
+                               bytes_down=bytes_down, started=started, aggregator=aggregator,
+                               epsilon_sample=epsilon_sample, cfg=cfg)
         append_record(metrics_path, record)
         log.info(format_progress(record, fed.rounds))
     # ---- finish: PEFT adapter and plots

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
@@ -26,6 +26,16 @@ class ClientUpdate:
     tokens: int
     seconds: float
     nbytes: int
+
+
+@dataclass
+class TrainReplies:
+    """A round's training replies, sorted into what counts and what does not."""
+
+    accepted: list[ClientUpdate] = field(default_factory=list)
+    rejected: int = 0
+    declined: int = 0                  # phones whose DP-SGD budget is spent
+    epsilon_sample: dict[int, float] = field(default_factory=dict)  # node -> its ledger epsilon
 
 
 def build_messages(nodes: list[int], *, message_type: str, global_state: State,
@@ -72,22 +82,30 @@ def _parse_update(reply: Message, reference: State, max_norm: float) -> ClientUp
 
 
 def collect_updates(replies: list[Message], reference: State, *,
-                    max_norm: float) -> tuple[list[ClientUpdate], int]:
-    """Accepted updates and the number rejected; every rejection is logged with its node id."""
-    accepted, rejected = [], 0
+                    max_norm: float) -> TrainReplies:
+    """Sort replies into accepted updates, rejections (each logged with its node id and reason)
+    and privacy-budget declines (a normal non-participation)."""
+    out = TrainReplies()
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             _reject(node, f"client error: {reply.error.reason}")
-            rejected += 1
+            out.rejected += 1
+            continue
+        metrics = reply.content.metric_records.get(protocol.METRICS)
+        if metrics is not None and protocol.EPSILON_SAMPLE in metrics:
+            out.epsilon_sample[node] = float(metrics[protocol.EPSILON_SAMPLE])
+        if metrics is not None and metrics.get(protocol.DECLINED) == 1:
+            log.info("node %d declined to train: its DP-SGD budget is spent", node)
+            out.declined += 1
             continue
         parsed = _parse_update(reply, reference, max_norm)
         if isinstance(parsed, str):
             _reject(node, parsed)
-            rejected += 1
+            out.rejected += 1
         else:
-            accepted.append(parsed)
-    return accepted, rejected
+            out.accepted.append(parsed)
+    return out
 
 
 def collect_evals(replies: list[Message]) -> list[ClientEval]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from fedmilm.adapters.space import AdapterSpace, State, adapter_names
+from fedmilm.adapters.space import AdapterSpace, State, adapter_names, is_global
 
 
 def save_global_adapter(space: AdapterSpace, global_state: State, folder: str | Path,
@@ -15,16 +15,18 @@ def save_global_adapter(space: AdapterSpace, global_state: State, folder: str | 
     """Save only the global tensors as a PEFT adapter (personal tensors never reach disk here).
 
     Under `fedsa` the file holds the shared A matrices; PEFT then starts B from its zero init.
-    The space's model is used as a template and gets `global_state` loaded into it.
+    Under FFA-LoRA the frozen A matrices of the global adapter go in too (they are the shared
+    seed-fixed init, not personal). The space's model is the template and gets `global_state`.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = adapter_names(space.mode)[0]
     space.load(global_state)
     tensors = get_peft_model_state_dict(space.model, adapter_name=name)
-    wanted = {key.replace(f".{name}.", ".") for key in global_state}
+    exported = [*global_state, *(k for k in space.frozen_keys if is_global(k, space.mode))]
+    wanted = {key.replace(f".{name}.", ".") for key in exported}
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items() if k in wanted}
-    if len(tensors) != len(global_state):
+    if len(tensors) != len(exported):
         raise RuntimeError(f"PEFT export found {len(tensors)} of {len(global_state)} tensors")
     config = space.model.peft_config[name]
     config.base_model_name_or_path = base_model

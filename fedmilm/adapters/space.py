@@ -49,7 +49,8 @@ class AdapterSpace:
     mode: str
     global_keys: tuple[str, ...]
     personal_keys: tuple[str, ...]
-    initial: State  # float32 copy of every adapter tensor right after initialisation
+    frozen_keys: tuple[str, ...]  # FFA-LoRA's A matrices: fixed by the seed, never sent
+    initial: State  # float32 copy of every trainable adapter tensor right after initialisation
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
         return {k: p for k, p in self.model.named_parameters() if k in self.initial}
@@ -78,13 +79,25 @@ class AdapterSpace:
         return {k: self.initial[k].clone() for k in keys}
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters the local optimizer updates: every adapter tensor, global and personal."""
+        """Parameters the local optimizer updates: global and personal adapter tensors.
+
+        Re-freezes FFA's A matrices first: PEFT's `disable_adapter()` re-enables gradients on
+        every tensor of the active adapters when it exits.
+        """
+        frozen = set(self.frozen_keys)
+        for key, param in self.model.named_parameters():
+            if key in frozen:
+                param.requires_grad_(False)
         return list(self._params().values())
 
 
 def build_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: str,
                         seed: int) -> AdapterSpace:
-    """Load the base model and wrap it with LoRA, deterministically from `seed`."""
+    """Load the base model and wrap it with LoRA, deterministically from `seed`.
+
+    `lora.variant=ffa` is FFA-LoRA (Sun et al. 2024): A stays at its random init (the same on
+    every phone, from the seed) and only B trains and travels, which behaves better under DP.
+    """
     tokenizer = load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, tokenizer, seed)
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
@@ -97,6 +110,11 @@ def build_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: s
         for name in names[1:]:
             model.add_adapter(name, peft_cfg)
     model.base_model.set_adapter(list(names))  # all adapters active and trainable together
+    frozen = tuple(k for k, p in model.named_parameters()
+                   if p.requires_grad and lora_cfg.variant == "ffa" and ".lora_A." in k)
+    for key, param in model.named_parameters():
+        if key in frozen:
+            param.requires_grad_(False)
     keys = [k for k, p in model.named_parameters() if p.requires_grad]
     initial = {k: p.detach().to(torch.float32).clone()
                for k, p in model.named_parameters() if k in set(keys)}
@@ -104,6 +122,7 @@ def build_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: s
         model=model, tokenizer=tokenizer, mode=mode,
         global_keys=tuple(k for k in keys if is_global(k, mode)),
         personal_keys=tuple(k for k in keys if not is_global(k, mode)),
+        frozen_keys=frozen,
         initial=initial,
     )
 

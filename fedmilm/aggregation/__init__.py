@@ -1,6 +1,8 @@
-"""Server-side maths on adapter updates: validation and averaging."""
+"""Server-side maths on adapter updates: validation, averaging, cohort and DP strategies."""
 
 from fedmilm.aggregation.fedavg import apply_update, weighted_mean
+from fedmilm.aggregation.strategies import Aggregator, DpFedAvg, FedAvg, create_aggregator
 from fedmilm.aggregation.validate import update_problem
 
-__all__ = ["apply_update", "update_problem", "weighted_mean"]
+__all__ = ["Aggregator", "DpFedAvg", "FedAvg", "apply_update", "create_aggregator",
+           "update_problem", "weighted_mean"]

@@ -12,15 +12,17 @@ from omegaconf import DictConfig
 from fedmilm.config import ConfigError, FedMilmConfig, load_config
 from fedmilm.data import DataFormatError, count_users
 from fedmilm.model import smollm2
+from fedmilm.privacy.calibrate import resolve_privacy
 
 # conf/ sits at the repository root, beside this package (editable install).
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def load_or_exit(raw: DictConfig) -> FedMilmConfig:
-    """Typed, validated config; on any problem print one line per key and exit with code 2."""
+    """Typed, validated config with calibrated noise; on any problem print one line per key
+    and exit with code 2."""
     try:
-        cfg = load_config(raw)
+        cfg = resolve_privacy(load_config(raw))
         users = count_users(cfg.data)
         if users is not None and users < cfg.federation.num_clients:
             raise ConfigError([f"federation.num_clients={cfg.federation.num_clients} exceeds the "

@@ -43,7 +43,7 @@ class LoraConfig:
     alpha: float = MISSING
     dropout: float = MISSING
     target_modules: list[str] = field(default_factory=list)
-    variant: str = MISSING  # standard (ffa arrives with the privacy work)
+    variant: str = MISSING  # standard | ffa (A frozen at its init, only B trains and travels)
 
 
 @dataclass
@@ -94,6 +94,44 @@ class FederationConfig:
 
 
 @dataclass
+class SamplePrivacyConfig:
+    """DP-SGD on the phone (per-example clipping and noise, Opacus)."""
+
+    noise_multiplier: float | None = None   # None: calibrated from target_epsilon
+    max_grad_norm: float = MISSING
+    target_epsilon: float | None = None     # the phone refuses to train past it
+
+
+@dataclass
+class UserPrivacyConfig:
+    """User-level DP on the aggregate (clip each phone's update, noise the sum)."""
+
+    noise_multiplier: float | None = None   # None: calibrated from target_epsilon
+    clip_norm: float = MISSING
+    target_epsilon: float | None = None     # the server stops before exceeding it
+
+
+@dataclass
+class PrivacyConfig:
+    """Which privacy levels are on, their parameters and the accounting."""
+
+    mode: str = MISSING  # none | sample | user | both
+    delta: float = MISSING
+    accountant: str = MISSING  # prv (tight upper bound) | rdp
+    seeded_noise: bool = MISSING  # True: reproducible noise (tests); False: OS entropy
+    sample: SamplePrivacyConfig = field(default_factory=SamplePrivacyConfig)
+    user: UserPrivacyConfig = field(default_factory=UserPrivacyConfig)
+
+    @property
+    def sample_level(self) -> bool:
+        return self.mode in ("sample", "both")
+
+    @property
+    def user_level(self) -> bool:
+        return self.mode in ("user", "both")
+
+
+@dataclass
 class FedMilmConfig:
     """Root of the composed config."""
 
@@ -103,4 +141,5 @@ class FedMilmConfig:
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     seed: int = MISSING

@@ -9,7 +9,9 @@ from fedmilm.config.schema import FedMilmConfig
 MODEL_SOURCES = ("smollm2", "llama-config", "hf")
 DATA_SOURCES = ("synthetic", "jsonl")
 PERSONALIZATION_MODES = ("none", "fedsa", "dual")
-LORA_VARIANTS = ("standard",)
+LORA_VARIANTS = ("standard", "ffa")
+PRIVACY_MODES = ("none", "sample", "user", "both")
+ACCOUNTANT_NAMES = ("prv", "rdp")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -56,6 +58,9 @@ def _check_lora(cfg: FedMilmConfig, problems: list[str]) -> None:
         problems.append("lora.target_modules is empty; name at least one module, e.g. [q_proj]")
     _choice(problems, "lora.variant", cfg.lora.variant, LORA_VARIANTS)
     _choice(problems, "personalization.mode", cfg.personalization.mode, PERSONALIZATION_MODES)
+    if cfg.lora.variant == "ffa" and cfg.personalization.mode == "fedsa":
+        problems.append("lora.variant=ffa freezes A, which personalization=fedsa shares: nothing "
+                        "global would train; use personalization=none or dual with ffa")
 
 
 def _check_data(cfg: FedMilmConfig, problems: list[str]) -> None:
@@ -104,10 +109,52 @@ def _check_federation(cfg: FedMilmConfig, problems: list[str]) -> None:
                         f"[1, federation.clients_per_round={fed.clients_per_round}]")
 
 
+def _check_noise(problems: list[str], key: str, noise: float | None,
+                 target: float | None) -> None:
+    if noise is None and target is None:
+        problems.append(f"{key}.noise_multiplier and {key}.target_epsilon are both null; set "
+                        "the noise or the epsilon target to calibrate it from")
+    if noise is not None:
+        _positive(problems, f"{key}.noise_multiplier", noise)
+    if target is not None:
+        _positive(problems, f"{key}.target_epsilon", target)
+
+
+def _check_privacy(cfg: FedMilmConfig, problems: list[str]) -> None:
+    priv = cfg.privacy
+    _choice(problems, "privacy.mode", priv.mode, PRIVACY_MODES)
+    _choice(problems, "privacy.accountant", priv.accountant, ACCOUNTANT_NAMES)
+    if not 0 < priv.delta < 1:
+        problems.append(f"privacy.delta={priv.delta} must be in (0, 1)")
+    if priv.sample_level:
+        _check_noise(problems, "privacy.sample", priv.sample.noise_multiplier,
+                     priv.sample.target_epsilon)
+        _positive(problems, "privacy.sample.max_grad_norm", priv.sample.max_grad_norm)
+        n = cfg.data.train_per_user
+        if cfg.data.source == "synthetic" and priv.delta >= 1 / n:
+            problems.append(f"privacy.delta={priv.delta:g} must be < 1/n = {1 / n:.3g} for the "
+                            f"n={n} training interactions per phone")
+        if cfg.train.batch_size < 2:
+            problems.append(f"train.batch_size={cfg.train.batch_size} is too small for DP-SGD: "
+                            "the noise would drown every example; use at least 2 (8+ advised)")
+    if priv.user_level:
+        _check_noise(problems, "privacy.user", priv.user.noise_multiplier,
+                     priv.user.target_epsilon)
+        _positive(problems, "privacy.user.clip_norm", priv.user.clip_norm)
+        n = cfg.federation.num_clients
+        if priv.delta >= 1 / n:
+            problems.append(f"privacy.delta={priv.delta:g} must be < 1/n = {1 / n:.3g} for "
+                            f"federation.num_clients={n} users")
+        if cfg.federation.clients_per_round < 2:
+            problems.append("federation.clients_per_round must be >= 2 with user-level DP: one "
+                            "phone's update would be released with noise only")
+
+
 def validate_config(cfg: FedMilmConfig) -> None:
     """Raise `ConfigError` listing every invalid value, each with its key and the fix."""
     problems: list[str] = []
-    for check in (_check_model, _check_lora, _check_data, _check_train, _check_federation):
+    for check in (_check_model, _check_lora, _check_data, _check_train, _check_federation,
+                  _check_privacy):
         check(cfg, problems)
     if problems:
         raise ConfigError(problems)

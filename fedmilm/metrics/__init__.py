@@ -1,6 +1,6 @@
 """Run metrics: per-round records, progress lines, plots."""
 
-from fedmilm.metrics.plots import plot_clients, plot_losses
+from fedmilm.metrics.plots import plot_clients, plot_losses, plot_privacy
 from fedmilm.metrics.records import (
                                      ClientEval,
                                      RoundRecord,
@@ -11,4 +11,4 @@ from fedmilm.metrics.records import (
 )
 
 __all__ = ["ClientEval", "RoundRecord", "append_record", "format_progress", "mean_or_none",
-           "plot_clients", "plot_losses", "read_records"]
+           "plot_clients", "plot_losses", "plot_privacy", "read_records"]

@@ -52,3 +52,25 @@ def plot_clients(record: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_privacy(records: list[dict], path: Path) -> Path:
+    """Cumulative epsilon per round: user-level (server) and worst phone's sample-level."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [r["round"] for r in records]
+    for key, label in (("epsilon_user", "user-level (server)"),
+                       ("epsilon_sample_max", "sample-level, worst phone")):
+        values = [r[key] for r in records]
+        if any(v is not None for v in values):
+            ax.plot(rounds, [float("nan") if v is None else v for v in values], marker="o",
+                    label=label)
+    delta = next((r["delta"] for r in records if r["delta"] is not None), None)
+    accountant = next((r.get("accountant") for r in records if r.get("accountant")), "")
+    ax.set(xlabel="round", ylabel="epsilon",
+           title=f"Privacy budget spent (delta={delta:g}, {accountant})" if delta else "epsilon")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -26,6 +26,7 @@ class RoundRecord:
     clients: int                   # phones whose update was aggregated
     sampled: int
     rejected: int
+    declined: int                  # phones that refused to train (DP-SGD budget spent)
     train_loss: float | None
     loss_base: float | None
     loss_global: float | None
@@ -37,6 +38,7 @@ class RoundRecord:
     epsilon_user: float | None = None
     epsilon_sample_max: float | None = None
     delta: float | None = None
+    accountant: str | None = None  # which accountant produced the epsilons
     per_client: list[ClientEval] = field(default_factory=list)
 
 
@@ -64,8 +66,12 @@ def format_progress(record: RoundRecord, total_rounds: int) -> str:
     def fmt(value: float | None) -> str:
         return "  -  " if value is None else f"{value:.3f}"
 
+    privacy = ""
+    if record.epsilon_user is not None or record.epsilon_sample_max is not None:
+        privacy = (f" | eps user {fmt(record.epsilon_user)} sample-max "
+                   f"{fmt(record.epsilon_sample_max)}")
     return (f"round {record.round:>3}/{total_rounds} | clients {record.clients}/{record.sampled}"
-            f" (rejected {record.rejected}) | train {fmt(record.train_loss)} | held-out base "
-            f"{fmt(record.loss_base)} global {fmt(record.loss_global)} personal "
-            f"{fmt(record.loss_personal)} | {record.bytes_up / 1e6:.2f} MB up | "
-            f"{record.seconds:.1f} s")
+            f" (rejected {record.rejected}, declined {record.declined}) | train "
+            f"{fmt(record.train_loss)} | held-out base {fmt(record.loss_base)} global "
+            f"{fmt(record.loss_global)} personal {fmt(record.loss_personal)}{privacy} | "
+            f"{record.bytes_up / 1e6:.2f} MB up | {record.seconds:.1f} s")

@@ -1,54 +1,111 @@
-"""The one local training loop, shared by simulation, deployment and benchmarks."""
+"""The one local training loop, shared by simulation, deployment and benchmarks.
+
+With `dp` set it is DP-SGD (Abadi et al. 2016) through Opacus: Poisson-sampled batches,
+per-example gradients clipped to `max_grad_norm`, Gaussian noise, and every noisy step charged to
+the phone's accountant by Opacus's own optimizer hook.
+"""
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 
-from fedmilm.data.chat import Example, batches
-from fedmilm.training.loss import token_loss_sum
+from fedmilm.data.chat import Batch, Example, batches, collate
+from fedmilm.privacy.accountant import Accountant
+from fedmilm.training.loss import per_example_loss
 
 
 @dataclass(frozen=True)
 class TrainStats:
     """What one phone's local training did."""
 
-    loss: float          # mean per-token training loss over all steps
+    loss: float          # mean per-example training loss over all steps
     steps: int
     examples: int        # examples seen, counting epochs
     tokens: int          # tokens processed (inputs, not only labelled ones)
     seconds: float
 
 
+@dataclass(frozen=True)
+class DpSgd:
+    """Per-example DP-SGD for one phone's local training."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: Accountant  # charged once per noisy step
+
+
+def planned_steps(num_examples: int, *, epochs: int, batch_size: int) -> int:
+    """Optimizer steps of one local training (DP or not): epochs x ceil(n / batch)."""
+    return epochs * math.ceil(num_examples / batch_size)
+
+
+def _poisson_batches(examples: list[Example], *, sample_rate: float, steps: int, pad_id: int,
+                     generator: torch.Generator) -> Iterator[Batch | None]:
+    """Each step includes every example independently with probability `sample_rate`, the
+    sampling the accountant's amplification bound assumes. None marks an empty draw."""
+    for _ in range(steps):
+        keep = torch.rand(len(examples), generator=generator) < sample_rate
+        chosen = [examples[i] for i in keep.nonzero().flatten().tolist()]
+        yield collate(chosen, pad_id) if chosen else None
+
+
 def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter],
                 examples: list[Example], *, epochs: int, batch_size: int, lr: float,
-                weight_decay: float, pad_id: int, seed: int) -> TrainStats:
-    """AdamW on `params` over `epochs` shuffled passes; deterministic given `seed`.
+                weight_decay: float, pad_id: int, seed: int,
+                dp: DpSgd | None = None) -> TrainStats:
+    """AdamW on `params`; deterministic given `seed`.
 
     A fresh optimizer each round: phones keep no optimizer state between rounds (it would
     double the personal storage and go stale while the phone is not sampled).
     """
     if not examples:
         raise ValueError("no training examples on this phone")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    started = time.perf_counter()
-    loss_sum, label_count, steps, seen, tokens = 0.0, 0, 0, 0, 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # LoRA dropout draws from the global generator
-        model.train()
-        for _ in range(epochs):
+    steps = planned_steps(len(examples), epochs=epochs, batch_size=batch_size)
+    module: torch.nn.Module = model
+    if dp is None:
+        plan: Iterator[Batch | None] = (
+            batch for _ in range(epochs)
             for batch in batches(examples, batch_size=batch_size, pad_id=pad_id,
-                                 generator=generator):
-                total, count = token_loss_sum(model, batch)
-                (total / max(count, 1)).backward()
+                                 generator=generator))
+    else:
+        sample_rate = min(1.0, batch_size / len(examples))
+        module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
+                                max_grad_norm=dp.max_grad_norm, expected_batch_size=batch_size)
+        optimizer.attach_step_hook(dp.accountant.opacus.get_optimizer_hook_fn(sample_rate))
+        plan = _poisson_batches(examples, sample_rate=sample_rate, steps=steps, pad_id=pad_id,
+                                generator=generator)
+    started = time.perf_counter()
+    loss_sum, done, seen, tokens = 0.0, 0, 0, 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # LoRA dropout and DP noise draw from the global generator
+            module.train()
+            for batch in plan:
+                done += 1
+                if batch is None:  # empty Poisson draw, probability (1-q)^n: nothing to send
+                    dp.accountant.step(noise_multiplier=dp.noise_multiplier,  # type: ignore
+                                       sample_rate=sample_rate)
+                    continue
+                losses = per_example_loss(module, batch)  # (B,)
+                losses.mean().backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum, label_count = loss_sum + float(total.detach()), label_count + count
-                steps, seen = steps + 1, seen + batch.input_ids.size(0)
+                loss_sum += float(losses.detach().sum())
+                seen += batch.input_ids.size(0)
                 tokens += int(batch.attention_mask.sum())
-        model.eval()
-    return TrainStats(loss=loss_sum / max(label_count, 1), steps=steps, examples=seen,
-                      tokens=tokens, seconds=time.perf_counter() - started)
+            module.eval()
+    finally:
+        if isinstance(module, GradSampleModule):
+            module._close()  # removes Opacus hooks: the cached model serves the next phone
+    return TrainStats(loss=loss_sum / max(seen, 1), steps=done, examples=seen, tokens=tokens,
+                      seconds=time.perf_counter() - started)

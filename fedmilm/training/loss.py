@@ -19,6 +19,20 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, 
     return total, int((targets != IGNORE).sum())
 
 
+def per_example_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy of each example over its own assistant tokens.
+
+    Each interaction counts once whatever its length: the unit DP-SGD clips and the training
+    objective agree.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    shifted, targets = logits[:, :-1].float(), batch.labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    token = F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=IGNORE,
+                            reduction="none")  # (B, T-1), zero where ignored
+    counts = (targets != IGNORE).sum(dim=1).clamp(min=1)
+    return token.sum(dim=1) / counts
+
+
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, batches: list[Batch]) -> float:
     """Mean held-out loss per assistant token."""

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from fedmilm.adapters.space import AdapterSpace, State
 from fedmilm.config.schema import TrainConfig
 from fedmilm.data.chat import Example, batches
-from fedmilm.training.local import TrainStats, train_local
+from fedmilm.privacy.user_level import clip_update
+from fedmilm.training.local import DpSgd, TrainStats, train_local
 from fedmilm.training.loss import mean_loss
 
 
@@ -35,16 +36,20 @@ class EvalOutcome:
 
 
 def train_phone(space: AdapterSpace, *, global_state: State, personal_state: State,
-                examples: list[Example], train: TrainConfig, seed: int) -> TrainOutcome:
-    """Install both parts, train locally, return the global update and the personal part."""
+                examples: list[Example], train: TrainConfig, seed: int,
+                dp: DpSgd | None = None, clip_norm: float | None = None) -> TrainOutcome:
+    """Install both parts, train locally (DP-SGD when `dp` is set), return the update of the
+    global part (clipped to `clip_norm` for user-level DP) and the new personal part."""
     space.load(global_state)
     space.load(personal_state)
     stats = train_local(space.model, space.trainable_parameters(), examples,
                         epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
                         weight_decay=train.weight_decay,
-                        pad_id=space.tokenizer.pad_token_id, seed=seed)
+                        pad_id=space.tokenizer.pad_token_id, seed=seed, dp=dp)
     trained = space.state(space.global_keys)
     update = {k: trained[k] - global_state[k] for k in space.global_keys}
+    if clip_norm is not None:
+        update = clip_update(update, clip_norm)
     return TrainOutcome(update=update, personal=space.state(space.personal_keys), stats=stats)
 
 

@@ -18,7 +18,7 @@ REQUIRED = {"round", "loss_base", "loss_global", "loss_personal", "epsilon_user"
 def _record(r: int) -> RoundRecord:
     evals = [ClientEval(node=n, loss_base=3.0, loss_global=2.5 - 0.1 * r, loss_personal=None)
              for n in (1, 2)]
-    return RoundRecord(round=r, clients=2, sampled=2, rejected=0, train_loss=2.0,
+    return RoundRecord(round=r, clients=2, sampled=2, rejected=0, declined=0, train_loss=2.0,
                        loss_base=3.0, loss_global=2.5 - 0.1 * r, loss_personal=None,
                        bytes_up=100, bytes_down=100, seconds=1.0, tokens_per_s=50.0,
                        per_client=evals)

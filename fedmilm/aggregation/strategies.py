@@ -1,0 +1,103 @@
+"""How the server picks each round's cohort and turns accepted updates into a global step.
+
+Two implementations behind one small interface, chosen by the privacy mode:
+`FedAvg` (uniform cohort without replacement, example-weighted mean) and `DpFedAvg`
+(Poisson cohort, clipped updates, noised fixed-denominator mean, accounted every round).
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from typing import Protocol
+
+import torch
+
+from fedmilm.adapters.space import State
+from fedmilm.aggregation.fedavg import weighted_mean
+from fedmilm.config.schema import FedMilmConfig
+from fedmilm.privacy.accountant import Accountant
+from fedmilm.privacy.user_level import noisy_mean
+
+CLIP_SLACK = 1e-3  # relative float32 slack allowed on a client's clipped norm
+
+
+class Aggregator(Protocol):
+    """The server's per-round decisions."""
+
+    max_update_norm: float
+
+    def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]: ...
+
+    def may_continue(self) -> bool: ...
+
+    def aggregate(self, updates: list[State], weights: list[float],
+                  reference: State) -> State | None: ...
+
+    def epsilon(self) -> float | None: ...
+
+
+class FedAvg:
+    """Uniform sampling of a fixed-size cohort; mean of updates weighted by examples."""
+
+    def __init__(self, cfg: FedMilmConfig) -> None:
+        self.k, self.min_replies = cfg.federation.clients_per_round, cfg.federation.min_replies
+        self.max_update_norm = cfg.federation.max_update_norm
+
+    def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]:
+        return sorted(sampler.sample(nodes, min(self.k, len(nodes))))
+
+    def may_continue(self) -> bool:
+        return True
+
+    def aggregate(self, updates: list[State], weights: list[float],
+                  reference: State) -> State | None:
+        return weighted_mean(updates, weights) if len(updates) >= self.min_replies else None
+
+    def epsilon(self) -> float | None:
+        return None
+
+
+class DpFedAvg:
+    """User-level DP-FedAvg: Poisson cohort with rate q = clients_per_round / num_clients,
+    equal weights, Gaussian noise on the sum, one accountant step per round (also for a round
+    that ends up skipped, which over-counts and so stays sound)."""
+
+    def __init__(self, cfg: FedMilmConfig) -> None:
+        user, fed = cfg.privacy.user, cfg.federation
+        assert user.noise_multiplier is not None, "noise is calibrated before the run starts"
+        self.noise, self.clip = user.noise_multiplier, user.clip_norm
+        self.rate = fed.clients_per_round / fed.num_clients
+        self.expected = fed.clients_per_round
+        self.min_replies, self.target = fed.min_replies, user.target_epsilon
+        self.delta = cfg.privacy.delta
+        self.max_update_norm = self.clip * (1 + CLIP_SLACK)  # updates must arrive clipped
+        self.accountant = Accountant(cfg.privacy.accountant)
+        seed = cfg.seed if cfg.privacy.seeded_noise else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]:
+        return [n for n in nodes if sampler.random() < self.rate]
+
+    def may_continue(self) -> bool:
+        if self.target is None:
+            return True
+        ahead = self.accountant.epsilon_after(self.delta, noise_multiplier=self.noise,
+                                              sample_rate=self.rate, num_steps=1)
+        return ahead <= self.target
+
+    def aggregate(self, updates: list[State], weights: list[float],
+                  reference: State) -> State | None:
+        self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate)
+        if len(updates) < self.min_replies:
+            return None
+        return noisy_mean(updates, reference, clip_norm=self.clip, noise_multiplier=self.noise,
+                          expected_clients=self.expected, generator=self.generator)
+
+    def epsilon(self) -> float | None:
+        return self.accountant.epsilon(self.delta)
+
+
+def create_aggregator(cfg: FedMilmConfig) -> Aggregator:
+    """`DpFedAvg` when user-level DP is on, plain `FedAvg` otherwise."""
+    return DpFedAvg(cfg) if cfg.privacy.user_level else FedAvg(cfg)
