@@ -27,6 +27,10 @@ def quiet_offline_env() -> None:
     # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every wrap.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                             category=FutureWarning)
+    # Opacus's per-example hooks sit on LoRA layers whose inputs come from frozen layers; the
+    # hook then (correctly) sees gradients of outputs only, and torch says so on every step.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing",
+                            category=UserWarning)
     for noisy in ("alembic", "urllib3", "filelock"):  # INFO chatter under Hydra's root logger
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging

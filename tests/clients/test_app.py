@@ -21,6 +21,9 @@ def task_identity():
 
 
 def _call(cfg, message_type: str, tmp_path, user: int = 0, server_round: int = 1) -> Message:
+    from fedmilm.privacy.calibrate import resolve_privacy
+
+    cfg = resolve_privacy(cfg)
     space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
                                  seed=cfg.seed)
     config = ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.RUN_CONFIG: to_yaml(cfg),
@@ -76,3 +79,37 @@ def test_bad_config_is_refused_naming_the_key(tmp_path):
     cfg.data.source = "nonsense"
     with pytest.raises(ConfigError, match="data.source"):
         _call(cfg, MessageType.TRAIN, tmp_path)
+
+
+def test_user_level_updates_leave_the_phone_clipped(tmp_path):
+    from fedmilm.privacy.user_level import l2_norm
+
+    cfg = tiny_config("privacy=user", "privacy.user.clip_norm=0.01", "train.lr=0.05")
+    reply = _call(cfg, MessageType.TRAIN, tmp_path, user=1)
+    update = reply.content.array_records[protocol.UPDATE_ARRAYS].to_torch_state_dict()
+    assert l2_norm(update) == pytest.approx(0.01, rel=1e-4)  # trained far more, sent clipped
+    assert protocol.EPSILON_SAMPLE not in reply.content.metric_records[protocol.METRICS]
+
+
+def test_sample_level_ledger_composes_and_the_phone_declines_past_its_budget(tmp_path):
+    import json
+
+    from fedmilm.clients.privacy import LEDGER_FILE
+    from fedmilm.privacy import Accountant
+
+    probe = tiny_config("privacy=sample")
+    n, batch = probe.data.train_per_user, probe.train.batch_size
+    steps = probe.train.epochs * -(-n // batch)
+    one_round = Accountant("prv").epsilon_after(1e-5, noise_multiplier=1.0,
+                                                sample_rate=batch / n, num_steps=steps)
+    cfg = tiny_config("privacy=sample", "privacy.sample.noise_multiplier=1.0",
+                      f"privacy.sample.target_epsilon={one_round * 1.05}")
+    first = _call(cfg, MessageType.TRAIN, tmp_path, user=4, server_round=1)
+    eps = first.content.metric_records[protocol.METRICS][protocol.EPSILON_SAMPLE]
+    assert eps == pytest.approx(one_round, rel=1e-3)
+    ledger = json.loads((tmp_path / "devices" / "4" / LEDGER_FILE).read_text())
+    assert ledger["history"] == [[1.0, batch / n, steps]]
+    second = _call(cfg, MessageType.TRAIN, tmp_path, user=4, server_round=2)
+    metrics = second.content.metric_records[protocol.METRICS]
+    assert metrics[protocol.DECLINED] == 1 and not second.content.array_records
+    assert metrics[protocol.EPSILON_SAMPLE] == pytest.approx(eps)  # nothing more was spent

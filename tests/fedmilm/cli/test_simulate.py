@@ -89,3 +89,21 @@ def test_invalid_config_stops_before_training(override, needle, tmp_path):
     assert done.returncode != 0
     assert needle in done.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_both_privacy_levels_are_accounted_and_reported(tmp_path):
+    done = _simulate([*SMALL, "privacy=both", "privacy.seeded_noise=true", "lora.variant=ffa",
+                      "personalization=dual", "federation.min_replies=1",
+                      "privacy.sample.target_epsilon=50", f"hydra.run.dir={tmp_path}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    user = [r["epsilon_user"] for r in rows]
+    assert 0 < user[0] < user[1]  # composed across rounds, never reset
+    assert all(r["delta"] == 1e-5 and r["accountant"] == "prv" for r in rows)
+    assert all(r["rejected"] == 0 for r in rows)  # every update arrived clipped
+    trained = [r for r in rows if r["clients"] > 0]
+    assert trained and all(r["epsilon_sample_max"] > 0 for r in trained)
+    ledgers = list((tmp_path / "devices").glob("*/privacy_ledger.json"))
+    assert ledgers and (tmp_path / "plots" / "epsilon_per_round.png").stat().st_size > 0
+    assert not any("ledger" in p.name for p in tmp_path.iterdir())  # ledgers stay on phones
