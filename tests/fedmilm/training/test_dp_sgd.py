@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 from opacus import GradSampleModule
 from peft import PeftModel
 
@@ -15,6 +13,8 @@ from fedmilm.model import load_base_model
 from fedmilm.privacy import Accountant
 from fedmilm.training import DpSgd, per_example_loss, planned_steps, train_local, train_phone
 from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 
 @pytest.fixture(scope="module")
