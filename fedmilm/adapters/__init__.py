@@ -1,6 +1,6 @@
 """LoRA adapters: the global/personal split, in-place swapping, PEFT export."""
 
-from fedmilm.adapters.peft_io import save_global_adapter
+from fedmilm.adapters.peft_io import load_global_adapter, save_global_adapter
 from fedmilm.adapters.space import (
                                     AdapterSpace,
                                     State,
@@ -10,4 +10,4 @@ from fedmilm.adapters.space import (
 )
 
 __all__ = ["AdapterSpace", "State", "build_adapter_space", "cached_adapter_space", "is_global",
-           "save_global_adapter"]
+           "load_global_adapter", "save_global_adapter"]

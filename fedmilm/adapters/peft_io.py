@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peft import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fedmilm.adapters.space import AdapterSpace, State, adapter_names, is_global
 
@@ -33,3 +33,15 @@ def save_global_adapter(space: AdapterSpace, global_state: State, folder: str | 
     config.save_pretrained(str(folder))
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
+
+
+def load_global_adapter(space: AdapterSpace, folder: str | Path) -> State:
+    """Read a global adapter written by `save_global_adapter` back into the space's naming."""
+    name = adapter_names(space.mode)[0]
+    tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    ours = {key.replace(f".{name}.", "."): key for key in space.global_keys}
+    missing = sorted(set(ours) - set(tensors))
+    if missing:
+        raise ValueError(f"{folder} lacks {len(missing)} global tensor(s), e.g. {missing[0]!r}: "
+                         "was it written for another model, LoRA or personalization setup?")
+    return {ours[k]: tensors[k].to(space.initial[ours[k]].dtype) for k in ours}

@@ -58,6 +58,8 @@ class DataConfig:
     zh_fraction: float = MISSING
     max_length: int = MISSING
     system_prompt: str | None = None
+    canary_users: int = MISSING    # audit only: phones 0..k-1 get a secret canary planted
+    canary_repeats: int = MISSING  # audit only: copies of the canary per such phone
 
 
 @dataclass
@@ -132,6 +134,17 @@ class PrivacyConfig:
 
 
 @dataclass
+class AuditConfig:
+    """`fedmilm-audit`: which privacy modes to compare and how hard to look."""
+
+    modes: list[str] = field(default_factory=list)
+    canary_users: int = MISSING
+    canary_repeats: int = MISSING
+    candidates: int = MISSING        # random secrets each canary is ranked against
+    mia_per_phone: int = MISSING     # member and non-member interactions per phone for the AUC
+
+
+@dataclass
 class FedMilmConfig:
     """Root of the composed config."""
 
@@ -142,4 +155,5 @@ class FedMilmConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     seed: int = MISSING

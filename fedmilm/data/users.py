@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fedmilm.config.schema import DataConfig
 from fedmilm.data import jsonl, synthetic
+from fedmilm.data.canary import canary_conversation, canary_secret
 from fedmilm.data.synthetic import Conversation
 
 
@@ -31,8 +32,12 @@ def _with_system(items: list[Conversation], prompt: str | None) -> list[Conversa
 
 def load_user(cfg: DataConfig, *, user: int, seed: int) -> UserData:
     """Data of user `user` (the phone's partition id), with `cfg.system_prompt` prepended to
-    conversations that have no system message of their own."""
+    conversations that have no system message of their own, and the audit's canary planted
+    into the training part of the first `cfg.canary_users` phones."""
     data = _load(cfg, user=user, seed=seed)
+    if user < cfg.canary_users:
+        planted = [canary_conversation(canary_secret(seed=seed, user=user))] * cfg.canary_repeats
+        data = UserData(train=data.train + planted, heldout=data.heldout)
     return UserData(train=_with_system(data.train, cfg.system_prompt),
                     heldout=_with_system(data.heldout, cfg.system_prompt))
 

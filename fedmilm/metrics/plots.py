@@ -74,3 +74,54 @@ def plot_privacy(records: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_audit(results: dict[str, dict], path: Path) -> Path:
+    """Canary exposure (global and personalised) and membership AUC per privacy mode."""
+    modes = list(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = range(len(modes))
+    for offset, key, label in ((-0.2, "exposure_global", "global model"),
+                               (0.2, "exposure_personal", "personalised model")):
+        means = [sum(results[m][key]) / len(results[m][key]) for m in modes]
+        left.bar([x + offset for x in xs], means, width=0.4, label=label)
+    left.set_xticks(list(xs), modes)
+    left.set(xlabel="privacy mode", ylabel="exposure (bits, mean over canaries)",
+             title="Canary exposure")
+    left.legend()
+    for offset, key, label in ((-0.2, "auc_global", "global model"),
+                               (0.2, "auc_personal", "personalised model")):
+        values = [results[m][key] if results[m][key] is not None else float("nan")
+                  for m in modes]
+        right.bar([x + offset for x in xs], values, width=0.4, label=label)
+    right.axhline(0.5, color="grey", linestyle="--", label="chance")
+    right.set_xticks(list(xs), modes)
+    right.set(xlabel="privacy mode", ylabel="AUC", title="Membership inference (loss)",
+              ylim=(0.0, 1.0))
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(points: list[dict], path: Path) -> Path:
+    """Final held-out loss against claimed epsilon, one marker per run (user-level epsilon
+    where present, otherwise the worst phone's sample-level epsilon)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    eps = [p["epsilon_user"] if p["epsilon_user"] is not None else p["epsilon_sample_max"]
+           for p in points]
+    for key, label in (("loss_global", "base + global"),
+                       ("loss_personal", "base + global + personal")):
+        pairs = sorted((e, p[key]) for e, p in zip(eps, points, strict=True)
+                       if p[key] is not None)
+        if pairs:
+            ax.plot([e for e, _ in pairs], [v for _, v in pairs], marker="o", label=label)
+    ax.set(xlabel="epsilon (user-level if on, else worst phone's sample-level)",
+           ylabel="final held-out loss", title="Privacy-utility trade-off", xscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

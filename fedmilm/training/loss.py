@@ -27,8 +27,8 @@ def per_example_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     shifted, targets = logits[:, :-1].float(), batch.labels[:, 1:]  # (B, T-1, V), (B, T-1)
-    token = F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=IGNORE,
-                            reduction="none")  # (B, T-1), zero where ignored
+    token = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
+                            ignore_index=IGNORE, reduction="none").view(targets.shape)  # (B, T-1)
     counts = (targets != IGNORE).sum(dim=1).clamp(min=1)
     return token.sum(dim=1) / counts
 

@@ -107,3 +107,23 @@ def test_both_privacy_levels_are_accounted_and_reported(tmp_path):
     ledgers = list((tmp_path / "devices").glob("*/privacy_ledger.json"))
     assert ledgers and (tmp_path / "plots" / "epsilon_per_round.png").stat().st_size > 0
     assert not any("ledger" in p.name for p in tmp_path.iterdir())  # ledgers stay on phones
+
+
+def test_audit_runs_each_mode_and_writes_its_table(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", "from fedmilm.cli.audit import main; main()", *SMALL,
+         "federation.clients_per_round=4", "audit.modes=[none,sample]", "audit.canary_users=2",
+         "audit.candidates=31", "audit.mia_per_phone=2", "privacy.sample.target_epsilon=100",
+         f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "audit.json").read_text())
+    assert list(results) == ["none", "sample"]
+    for mode, r in results.items():
+        assert len(r["exposure_global"]) == len(r["exposure_personal"]) == 2
+        assert all(0 <= x <= 5 for x in r["exposure_global"] + r["exposure_personal"])
+        assert 0 <= r["auc_global"] <= 1 and r["canary_phone_trained"] == [True, True]
+        assert (tmp_path / mode / "metrics.jsonl").exists()
+    assert results["none"]["epsilon_sample_max"] is None
+    assert results["sample"]["epsilon_sample_max"] > 0
+    assert "| sample |" in (tmp_path / "audit.md").read_text()
+    assert (tmp_path / "plots" / "audit.png").stat().st_size > 0
