@@ -5,7 +5,7 @@ import math
 import pytest
 
 from fedmilm.data import load_user
-from fedmilm.data.canary import DIGITS, candidate_secrets, canary_secret
+from fedmilm.data.canary import DIGITS, canary_secret, candidate_secrets
 from fedmilm.privacy.audit import exposure, membership_auc
 from tests.conftest import tiny_config
 
