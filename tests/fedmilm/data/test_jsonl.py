@@ -12,7 +12,8 @@ CONV = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 
 def _cfg(path, **kw) -> DataConfig:
     base = dict(source="jsonl", path=str(path), train_per_user=100, heldout_per_user=100,
-                heldout_fraction=0.25, zh_fraction=0.0, max_length=128, system_prompt=None)
+                heldout_fraction=0.25, zh_fraction=0.0, max_length=128, system_prompt=None,
+                canary_users=0, canary_repeats=0)
     return DataConfig(**{**base, **kw})
 
 

@@ -7,7 +7,8 @@ from fedmilm.data.synthetic import user_conversations
 
 def _cfg(**kw) -> DataConfig:
     base = dict(source="synthetic", path=None, train_per_user=12, heldout_per_user=4,
-                heldout_fraction=0.25, zh_fraction=0.5, max_length=128, system_prompt=None)
+                heldout_fraction=0.25, zh_fraction=0.5, max_length=128, system_prompt=None,
+                canary_users=0, canary_repeats=0)
     return DataConfig(**{**base, **kw})
 
 
