@@ -38,7 +38,8 @@ def prepare_model(cfg: FedMilmConfig) -> None:
     """Convert the embedded model once, here, before any worker process would race to do it."""
     if cfg.model.source == "smollm2":
         smollm2.model_dir(cfg.model.cache_dir)
-    smollm2.tokenizer_dir(cfg.model.cache_dir)
+    elif cfg.model.source == "llama-config":  # config-built models borrow SmolLM2's tokenizer
+        smollm2.tokenizer_dir(cfg.model.cache_dir)
 
 
 def load_component(ref: str) -> Any:

@@ -10,6 +10,18 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)  # figures are never shown; free them at once
+    return path
+
+
+def _nan(values: list[float | None]) -> list[float]:
+    """None (not measured) as NaN, which matplotlib leaves as a gap."""
+    return [float("nan") if v is None else v for v in values]
+
+
 def plot_losses(records: list[dict], path: Path) -> Path:
     """Mean held-out loss of base, base + global, base + global + personal, per round."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -18,19 +30,16 @@ def plot_losses(records: list[dict], path: Path) -> Path:
                        ("loss_personal", "base + global + personal")):
         values = [r[key] for r in records]
         if any(v is not None for v in values):
-            ax.plot(rounds, [float("nan") if v is None else v for v in values], marker="o",
+            ax.plot(rounds, _nan(values), marker="o",
                     label=label)
     train = [r["train_loss"] for r in records]
     if any(v is not None for v in train):
-        ax.plot(rounds, [float("nan") if v is None else v for v in train], linestyle="--",
+        ax.plot(rounds, _nan(train), linestyle="--",
                 color="grey", label="local training loss")
     ax.set(xlabel="round", ylabel="loss per assistant token", title="Held-out loss per round")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_clients(record: dict, path: Path) -> Path:
@@ -42,16 +51,13 @@ def plot_clients(record: dict, path: Path) -> Path:
            label="base + global")
     personal = [c["loss_personal"] for c in clients]
     if any(p is not None for p in personal):
-        ax.bar([x + 0.2 for x in xs], [float("nan") if p is None else p for p in personal],
+        ax.bar([x + 0.2 for x in xs], _nan(personal),
                width=0.4, label="base + global + personal")
     ax.set_xticks(list(xs), [str(i) for i in xs])
     ax.set(xlabel="phone (sorted by global loss)", ylabel="held-out loss",
            title=f"Per-phone held-out loss after round {record['round']}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_privacy(records: list[dict], path: Path) -> Path:
@@ -62,7 +68,7 @@ def plot_privacy(records: list[dict], path: Path) -> Path:
                        ("epsilon_sample_max", "sample-level, worst phone")):
         values = [r[key] for r in records]
         if any(v is not None for v in values):
-            ax.plot(rounds, [float("nan") if v is None else v for v in values], marker="o",
+            ax.plot(rounds, _nan(values), marker="o",
                     label=label)
     delta = next((r["delta"] for r in records if r["delta"] is not None), None)
     accountant = next((r.get("accountant") for r in records if r.get("accountant")), "")
@@ -70,10 +76,7 @@ def plot_privacy(records: list[dict], path: Path) -> Path:
            title=f"Privacy budget spent (delta={delta:g}, {accountant})" if delta else "epsilon")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_audit(results: dict[str, dict], path: Path) -> Path:
@@ -91,18 +94,14 @@ def plot_audit(results: dict[str, dict], path: Path) -> Path:
     left.legend()
     for offset, key, label in ((-0.2, "auc_global", "global model"),
                                (0.2, "auc_personal", "personalised model")):
-        values = [results[m][key] if results[m][key] is not None else float("nan")
-                  for m in modes]
+        values = _nan([results[m][key] for m in modes])
         right.bar([x + offset for x in xs], values, width=0.4, label=label)
     right.axhline(0.5, color="grey", linestyle="--", label="chance")
     right.set_xticks(list(xs), modes)
     right.set(xlabel="privacy mode", ylabel="AUC", title="Membership inference (loss)",
               ylim=(0.0, 1.0))
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_tradeoff(points: list[dict], path: Path) -> Path:
@@ -121,7 +120,4 @@ def plot_tradeoff(points: list[dict], path: Path) -> Path:
            ylabel="final held-out loss", title="Privacy-utility trade-off", xscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
