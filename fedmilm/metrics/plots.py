@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -37,6 +38,7 @@ def plot_losses(records: list[dict], path: Path) -> Path:
         ax.plot(rounds, _nan(train), linestyle="--",
                 color="grey", label="local training loss")
     ax.set(xlabel="round", ylabel="loss per assistant token", title="Held-out loss per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -72,6 +74,7 @@ def plot_privacy(records: list[dict], path: Path) -> Path:
                     label=label)
     delta = next((r["delta"] for r in records if r["delta"] is not None), None)
     accountant = next((r.get("accountant") for r in records if r.get("accountant")), "")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="epsilon",
            title=f"Privacy budget spent (delta={delta:g}, {accountant})" if delta else "epsilon")
     ax.grid(alpha=0.3)
