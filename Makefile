@@ -28,4 +28,6 @@ test: install
 
 benchmark: install
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/dp_step.py
+	$(BIN)/python benchmarks/dp_step.py --batch 2 model=milm-1.3b
 	$(BIN)/python benchmarks/simulation_throughput.py $(ARGS)
