@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fedmilm.config import FedMilmConfig
 from fedmilm.privacy import PrivacyLedger
-from fedmilm.training import DpSgd, planned_steps
+from fedmilm.training import DpSgd, dp_sample_rate, planned_steps
 
 LEDGER_FILE = "privacy_ledger.json"
 
@@ -29,7 +29,7 @@ def dp_sgd_for(cfg: FedMilmConfig, ledger: PrivacyLedger, num_examples: int) -> 
                          f"this phone's n={num_examples} training interactions")
     batch = cfg.train.batch_size
     ledger.check_affordable(noise_multiplier=sample.noise_multiplier,
-                            sample_rate=min(1.0, batch / num_examples),
+                            sample_rate=dp_sample_rate(num_examples, batch_size=batch),
                             steps=planned_steps(num_examples, epochs=cfg.train.epochs,
                                                 batch_size=batch))
     return DpSgd(noise_multiplier=sample.noise_multiplier, max_grad_norm=sample.max_grad_norm,

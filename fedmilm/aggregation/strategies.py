@@ -17,6 +17,7 @@ from fedmilm.adapters.space import State
 from fedmilm.aggregation.fedavg import weighted_mean
 from fedmilm.config.schema import FedMilmConfig
 from fedmilm.privacy.accountant import Accountant
+from fedmilm.privacy.calibrate import user_sample_rate
 from fedmilm.privacy.user_level import noisy_mean
 
 CLIP_SLACK = 1e-3  # relative float32 slack allowed on a client's clipped norm
@@ -67,7 +68,7 @@ class DpFedAvg:
         user, fed = cfg.privacy.user, cfg.federation
         assert user.noise_multiplier is not None, "noise is calibrated before the run starts"
         self.noise, self.clip = user.noise_multiplier, user.clip_norm
-        self.rate = fed.clients_per_round / fed.num_clients
+        self.rate = user_sample_rate(cfg)
         self.expected = fed.clients_per_round
         self.min_replies, self.target = fed.min_replies, user.target_epsilon
         self.delta = cfg.privacy.delta

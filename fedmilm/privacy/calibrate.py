@@ -16,7 +16,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from fedmilm.config.schema import FedMilmConfig
 from fedmilm.config.validate import ConfigError
 from fedmilm.privacy.accountant import Accountant
-from fedmilm.training.local import planned_steps
+from fedmilm.training.local import dp_sample_rate, planned_steps
 
 
 def user_sample_rate(cfg: FedMilmConfig) -> float:
@@ -29,7 +29,7 @@ def sample_plan(cfg: FedMilmConfig) -> tuple[float, int, int]:
     n, batch = cfg.data.train_per_user, cfg.train.batch_size
     per_round = planned_steps(n, epochs=cfg.train.epochs, batch_size=batch)
     rounds = math.ceil(cfg.federation.rounds * user_sample_rate(cfg))
-    return min(1.0, batch / n), per_round, rounds
+    return dp_sample_rate(n, batch_size=batch), per_round, rounds
 
 
 def _calibrated(target: float, *, delta: float, sample_rate: float, steps: int,

@@ -46,6 +46,11 @@ def planned_steps(num_examples: int, *, epochs: int, batch_size: int) -> int:
     return epochs * math.ceil(num_examples / batch_size)
 
 
+def dp_sample_rate(num_examples: int, *, batch_size: int) -> float:
+    """Poisson inclusion probability of one example in one DP-SGD step (expected batch / n)."""
+    return min(1.0, batch_size / num_examples)
+
+
 def _poisson_batches(examples: list[Example], *, sample_rate: float, steps: int, pad_id: int,
                      generator: torch.Generator) -> Iterator[Batch | None]:
     """Each step includes every example independently with probability `sample_rate`, the
@@ -77,7 +82,7 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter],
             for batch in batches(examples, batch_size=batch_size, pad_id=pad_id,
                                  generator=generator))
     else:
-        sample_rate = min(1.0, batch_size / len(examples))
+        sample_rate = dp_sample_rate(len(examples), batch_size=batch_size)
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
                                 max_grad_norm=dp.max_grad_norm, expected_batch_size=batch_size)
