@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -162,6 +163,9 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
                                bytes_down=bytes_down, started=started, aggregator=aggregator,
                                epsilon_sample=epsilon_sample, cfg=cfg)
         append_record(metrics_path, record)
+        accountant = aggregator.accountant_state()
+        if accountant is not None:
+            (run_dir / "privacy_accountant.json").write_text(json.dumps(accountant))
         log.info(format_progress(record, fed.rounds))
     # ---- finish: PEFT adapter and plots
     _finish(space, global_state, cfg, run_dir)

@@ -37,6 +37,8 @@ class Aggregator(Protocol):
 
     def epsilon(self) -> float | None: ...
 
+    def accountant_state(self) -> dict | None: ...
+
 
 class FedAvg:
     """Uniform sampling of a fixed-size cohort; mean of updates weighted by examples."""
@@ -56,6 +58,9 @@ class FedAvg:
         return weighted_mean(updates, weights) if len(updates) >= self.min_replies else None
 
     def epsilon(self) -> float | None:
+        return None
+
+    def accountant_state(self) -> dict | None:
         return None
 
 
@@ -97,6 +102,10 @@ class DpFedAvg:
 
     def epsilon(self) -> float | None:
         return self.accountant.epsilon(self.delta)
+
+    def accountant_state(self) -> dict | None:
+        """The full (sigma, q, steps) history: anyone can recompute epsilon from it."""
+        return {"delta": self.delta, **self.accountant.state_dict()}
 
 
 def create_aggregator(cfg: FedMilmConfig) -> Aggregator:

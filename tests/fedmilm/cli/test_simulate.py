@@ -107,6 +107,14 @@ def test_both_privacy_levels_are_accounted_and_reported(tmp_path):
     ledgers = list((tmp_path / "devices").glob("*/privacy_ledger.json"))
     assert ledgers and (tmp_path / "plots" / "epsilon_per_round.png").stat().st_size > 0
     assert not any("ledger" in p.name for p in tmp_path.iterdir())  # ledgers stay on phones
+    # The server's accountant history is an output: epsilon can be recomputed from it.
+    from fedmilm.privacy import Accountant
+
+    state = json.loads((tmp_path / "privacy_accountant.json").read_text())
+    assert state["delta"] == 1e-5 and sum(n for _, _, n in state["history"]) == 2
+    again = Accountant(state["mechanism"])
+    again.load_state_dict({k: v for k, v in state.items() if k != "delta"})
+    assert again.epsilon(1e-5) == pytest.approx(user[-1])
 
 
 def test_audit_runs_each_mode_and_writes_its_table(tmp_path):
