@@ -135,3 +135,15 @@ def test_audit_runs_each_mode_and_writes_its_table(tmp_path):
     assert results["sample"]["epsilon_sample_max"] > 0
     assert "| sample |" in (tmp_path / "audit.md").read_text()
     assert (tmp_path / "plots" / "audit.png").stat().st_size > 0
+
+
+def test_multirun_sweep_gives_one_run_directory_per_job(tmp_path):
+    done = _simulate(["-m", "model=tiny", "federation.num_clients=2",
+                      "federation.clients_per_round=2", "federation.rounds=1", "lora.r=2,4",
+                      f"hydra.sweep.dir={tmp_path}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job, rank in ((0, 2), (1, 4)):
+        adapter = json.loads((tmp_path / str(job) / "global_adapter" /
+                              "adapter_config.json").read_text())
+        assert adapter["r"] == rank
+        assert (tmp_path / str(job) / "metrics.jsonl").read_text().count("\n") == 1
