@@ -67,8 +67,8 @@ def _measure(run_dir: Path, audit_seed: int, candidates: int, per_phone: int) ->
     def mia(personal: bool) -> float:
         members, others = [], []
         for user in range(cfg.federation.num_clients):
-            stored = storage(run_dir / "devices" / str(user)).load_personal(space)
-            space.load(stored if personal else space.initial_state(space.personal_keys))
+            space.load(storage(run_dir / "devices" / str(user)).load_personal(space) if personal
+                       else space.initial_state(space.personal_keys))
             data = load_user(cfg.data, user=user, seed=cfg.seed)
             members += conversation_losses(space.model, space.tokenizer,
                                            data.train[:per_phone], **kw)
