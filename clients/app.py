@@ -29,6 +29,15 @@ def _declined(msg: Message, ledger: PrivacyLedger) -> Message:
     return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
 
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Announce this phone's device id (its partition id), so sampling and per-phone metrics
+    stay stable when node ids change (a new simulation, a restarted server)."""
+    device = int(context.node_config[protocol.PARTITION_ID])
+    metrics = MetricRecord({protocol.DEVICE_ID: device})
+    return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on the phone's private data; reply with the update of the global part."""

@@ -11,6 +11,7 @@ UPDATE_ARRAYS = "update"      # phone -> server: trained global part minus recei
 CONFIG = "config"
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "fedmilm-config"  # the validated run config as YAML (model, LoRA, data, training)
+RUN_DIR = "run-dir"            # deployment run config only: where the ServerApp writes outputs
 STORAGE_ROOT = "storage-root"  # simulation only: where virtual phones keep their device storage
 
 # MetricRecord key and its fields
@@ -24,6 +25,7 @@ LOSS_BASE = "loss-base"
 LOSS_GLOBAL = "loss-global"
 LOSS_PERSONAL = "loss-personal"   # absent when the mode has no personal part
 EPSILON_SAMPLE = "epsilon-sample" # the phone's cumulative DP-SGD epsilon (sample-level DP only)
+DEVICE_ID = "device-id"           # query reply: the phone's stable pseudonym (its partition id)
 DECLINED = "declined"             # 1: the phone declined to train (its privacy budget is spent)
 
 # node_config keys

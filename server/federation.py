@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.serverapp import Grid
@@ -25,17 +26,27 @@ from fedmilm.metrics import (
     plot_privacy,
     read_records,
 )
+from fedmilm.server.checkpoint import (
+    ServerState,
+    config_fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedmilm.server.messages import (
     EVALUATE,
     TRAIN,
     TrainReplies,
     build_messages,
+    collect_device_ids,
     collect_evals,
     collect_updates,
+    query_messages,
 )
 
 log = logging.getLogger("fedmilm.server")
 
+CHECKPOINTS = "checkpoints"
 NODE_WAIT_S = 120.0  # how long to wait for the simulated/deployed phones to register
 
 
@@ -65,14 +76,14 @@ def _warn_risky(cfg: FedMilmConfig) -> None:
 
 
 def _round_record(server_round: int, *, cohort: list[int], replies: TrainReplies,
-                  evals: list[ClientEval], bytes_down: int, started: float,
+                  skipped: bool, evals: list[ClientEval], bytes_down: int, started: float,
                   aggregator: Aggregator, epsilon_sample: dict[int, float],
                   cfg: FedMilmConfig) -> RoundRecord:
     accepted = replies.accepted
     seconds = sum(u.seconds for u in accepted)
     dp = cfg.privacy.user_level or cfg.privacy.sample_level
     return RoundRecord(
-        round=server_round, clients=len(accepted), sampled=len(cohort),
+        round=server_round, clients=0 if skipped else len(accepted), sampled=len(cohort),
         rejected=replies.rejected, declined=replies.declined,
         train_loss=mean_or_none([u.train_loss for u in accepted]),
         loss_base=mean_or_none([e.loss_base for e in evals]),
@@ -85,7 +96,7 @@ def _round_record(server_round: int, *, cohort: list[int], replies: TrainReplies
         epsilon_sample_max=max(epsilon_sample.values()) if epsilon_sample else None,
         delta=cfg.privacy.delta if dp else None,
         accountant=cfg.privacy.accountant if dp else None,
-        per_client=evals,
+        per_client=evals, skipped=skipped,
     )
 
 
@@ -105,24 +116,61 @@ def _finish(space: AdapterSpace, global_state: State, cfg: FedMilmConfig, run_di
         plot_clients(evaluated[-1], plots / "per_client_loss.png")
 
 
+def discover_devices(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
+    """node id -> device id for every node that answers the identity query in time."""
+    replies = list(grid.send_and_receive(query_messages(nodes), timeout=timeout))
+    devices = collect_device_ids(replies)
+    if not devices:
+        raise RuntimeError("no phone announced a device id; is the ClientApp fedmilm's?")
+    return devices
+
+
+def _start_state(cfg: FedMilmConfig, space: AdapterSpace, aggregator: Aggregator,
+                 run_dir: Path, fingerprint: str) -> ServerState:
+    """A fresh state, or the last checkpoint's when `cfg.resume` is set."""
+    fresh = ServerState(round=0, global_state=space.initial_state(space.global_keys),
+                        sampler=random.Random(f"fedmilm-sampling:{cfg.seed}"),
+                        aggregator=aggregator.state_dict(), epsilon_sample={})
+    metrics_path = run_dir / "metrics.jsonl"
+    if not cfg.resume:
+        metrics_path.unlink(missing_ok=True)
+        return fresh
+    path = latest_checkpoint(run_dir / CHECKPOINTS)
+    if path is None:
+        log.warning("resume: no complete round checkpointed in %s; starting at round 1", run_dir)
+        metrics_path.unlink(missing_ok=True)
+        return fresh
+    state = load_checkpoint(path, fingerprint=fingerprint)
+    aggregator.load_state_dict(state.aggregator)
+    if metrics_path.exists():  # rounds after the checkpoint ran partly or not at all: redo them
+        kept = [r for r in read_records(metrics_path) if r["round"] <= state.round]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    log.info("resume: continuing after round %d from %s", state.round, path)
+    return state
+
+
 def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
-    """Run every round and write the run directory; returns the final global part."""
+    """Run every round (after the last checkpoint when resuming), checkpoint each one, and write
+    the run directory; returns the final global part."""
     fed = cfg.federation
+    run_dir.mkdir(parents=True, exist_ok=True)
     config_text, storage_root = to_yaml(cfg), str(run_dir / "devices")
+    fingerprint = config_fingerprint(to_yaml(replace(cfg, resume=None)))
     space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
                                  seed=cfg.seed)
-    global_state = space.initial_state(space.global_keys)
     aggregator = create_aggregator(cfg)
-    nodes = wait_for_nodes(grid, wanted=fed.num_clients, needed=fed.clients_per_round)
-    sampler = random.Random(f"fedmilm-sampling:{cfg.seed}")
-    epsilon_sample: dict[int, float] = {}
+    state = _start_state(cfg, space, aggregator, run_dir, fingerprint)
+    devices = discover_devices(grid, wait_for_nodes(grid, wanted=fed.num_clients,
+                                                    needed=fed.clients_per_round),
+                               timeout=fed.round_timeout_s)
+    node_of = {device: node for node, device in devices.items()}
+    population = sorted(node_of)  # sampling is over device ids: stable across restarts
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
     _warn_risky(cfg)
     log.info("federation: %d phones, %d per round, %d rounds, personalization=%s, privacy=%s, "
-             "%d global tensors", len(nodes), fed.clients_per_round, fed.rounds,
+             "%d global tensors", len(population), fed.clients_per_round, fed.rounds,
              cfg.personalization.mode, cfg.privacy.mode, len(space.global_keys))
-    for server_round in range(1, fed.rounds + 1):
+    for server_round in range(state.round + 1, fed.rounds + 1):
         if not aggregator.may_continue():
             log.warning("stopping before round %d: it would exceed "
                         "privacy.user.target_epsilon=%g", server_round,
@@ -130,43 +178,50 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
             break
         started = time.perf_counter()
         # ---- train: sample, send the global part, collect and validate updates
-        cohort = aggregator.cohort(nodes, sampler)
-        train_msgs = build_messages(cohort, message_type=TRAIN, global_state=global_state,
+        cohort = [node_of[d] for d in aggregator.cohort(population, state.sampler)]
+        train_msgs = build_messages(cohort, message_type=TRAIN, global_state=state.global_state,
                                     server_round=server_round, config_text=config_text,
                                     storage_root=storage_root)
         replies = list(grid.send_and_receive(train_msgs, timeout=fed.round_timeout_s))
-        sorted_replies = collect_updates(replies, global_state,
+        sorted_replies = collect_updates(replies, state.global_state, devices=devices,
                                          max_norm=aggregator.max_update_norm)
-        sorted_replies.rejected += len(cohort) - len(replies)  # no reply before the deadline
-        epsilon_sample.update(sorted_replies.epsilon_sample)
-        # ---- aggregate: FedAvg, or clipped + noised mean under user-level DP
+        missing = len(cohort) - len(replies)
+        if missing:
+            log.warning("round %d: %d phone(s) did not reply within federation.round_timeout_s="
+                        "%g s; left out", server_round, missing, fed.round_timeout_s)
+        sorted_replies.rejected += missing
+        state.epsilon_sample.update(sorted_replies.epsilon_sample)
+        # ---- aggregate: FedAvg/robust, or clipped + noised mean under user-level DP
         accepted = sorted_replies.accepted
         step = aggregator.aggregate([u.update for u in accepted],
-                                    [u.num_examples for u in accepted], global_state)
+                                    [u.num_examples for u in accepted], state.global_state)
         if step is None:
             log.warning("round %d skipped: %d valid replies < federation.min_replies=%d",
                         server_round, len(accepted), fed.min_replies)
         else:
-            global_state = apply_update(global_state, step)
+            state.global_state = apply_update(state.global_state, step)
         # ---- evaluate: held-out losses on the phones
-        eval_nodes = (nodes if fed.clients_per_eval is None
-                      else sorted(sampler.sample(nodes, fed.clients_per_eval)))
-        eval_msgs = build_messages(eval_nodes, message_type=EVALUATE, global_state=global_state,
-                                   server_round=server_round, config_text=config_text,
-                                   storage_root=storage_root)
+        eval_devices = (population if fed.clients_per_eval is None
+                        else sorted(state.sampler.sample(population, fed.clients_per_eval)))
+        eval_msgs = build_messages([node_of[d] for d in eval_devices], message_type=EVALUATE,
+                                   global_state=state.global_state, server_round=server_round,
+                                   config_text=config_text, storage_root=storage_root)
         evals = collect_evals(list(grid.send_and_receive(eval_msgs,
-                                                         timeout=fed.round_timeout_s)))
-        # ---- record
+                                                         timeout=fed.round_timeout_s)), devices)
+        # ---- record and checkpoint
         bytes_down = sum(m.content.array_records[protocol.GLOBAL_ARRAYS].count_bytes()
                          for m in train_msgs)
-        record = _round_record(server_round, cohort=cohort, replies=sorted_replies, evals=evals,
+        record = _round_record(server_round, cohort=cohort, replies=sorted_replies,
+                               skipped=step is None, evals=evals,
                                bytes_down=bytes_down, started=started, aggregator=aggregator,
-                               epsilon_sample=epsilon_sample, cfg=cfg)
+                               epsilon_sample=state.epsilon_sample, cfg=cfg)
         append_record(metrics_path, record)
         accountant = aggregator.accountant_state()
         if accountant is not None:
             (run_dir / "privacy_accountant.json").write_text(json.dumps(accountant))
+        state.round, state.aggregator = server_round, aggregator.state_dict()
+        save_checkpoint(run_dir / CHECKPOINTS, state, fingerprint=fingerprint)
         log.info(format_progress(record, fed.rounds))
     # ---- finish: PEFT adapter and plots
-    _finish(space, global_state, cfg, run_dir)
-    return global_state
+    _finish(space, state.global_state, cfg, run_dir)
+    return state.global_state

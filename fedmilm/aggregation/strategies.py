@@ -7,14 +7,16 @@ Two implementations behind one small interface, chosen by the privacy mode:
 
 from __future__ import annotations
 
+import base64
 import random
 import secrets
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from fedmilm.adapters.space import State
 from fedmilm.aggregation.fedavg import weighted_mean
+from fedmilm.aggregation.robust import robust_mean
 from fedmilm.config.schema import FedMilmConfig
 from fedmilm.privacy.accountant import Accountant
 from fedmilm.privacy.calibrate import user_sample_rate
@@ -39,13 +41,21 @@ class Aggregator(Protocol):
 
     def accountant_state(self) -> dict | None: ...
 
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 class FedAvg:
-    """Uniform sampling of a fixed-size cohort; mean of updates weighted by examples."""
+    """Uniform sampling of a fixed-size cohort; mean of updates weighted by examples, or one of
+    Flower's robust rules (`aggregation.method`)."""
 
     def __init__(self, cfg: FedMilmConfig) -> None:
         self.k, self.min_replies = cfg.federation.clients_per_round, cfg.federation.min_replies
         self.max_update_norm = cfg.federation.max_update_norm
+        self.method = cfg.aggregation.method
+        self.trim_fraction = cfg.aggregation.trim_fraction
+        self.byzantine = cfg.aggregation.krum_byzantine
 
     def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]:
         return sorted(sampler.sample(nodes, min(self.k, len(nodes))))
@@ -55,13 +65,25 @@ class FedAvg:
 
     def aggregate(self, updates: list[State], weights: list[float],
                   reference: State) -> State | None:
-        return weighted_mean(updates, weights) if len(updates) >= self.min_replies else None
+        if len(updates) < self.min_replies:
+            return None
+        if self.method == "fedavg":
+            return weighted_mean(updates, weights)
+        return robust_mean(updates, method=self.method, trim_fraction=self.trim_fraction,
+                           byzantine=self.byzantine)
 
     def epsilon(self) -> float | None:
         return None
 
     def accountant_state(self) -> dict | None:
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "fedavg"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "fedavg":
+            raise ValueError(f"checkpoint holds a {state.get('kind')!r} aggregator, not fedavg")
 
 
 class DpFedAvg:
@@ -79,7 +101,8 @@ class DpFedAvg:
         self.delta = cfg.privacy.delta
         self.max_update_norm = self.clip * (1 + CLIP_SLACK)  # updates must arrive clipped
         self.accountant = Accountant(cfg.privacy.accountant)
-        seed = cfg.seed if cfg.privacy.seeded_noise else secrets.randbits(63)
+        self.seeded = cfg.privacy.seeded_noise
+        seed = cfg.seed if self.seeded else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed)
 
     def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]:
@@ -106,6 +129,24 @@ class DpFedAvg:
     def accountant_state(self) -> dict | None:
         """The full (sigma, q, steps) history: anyone can recompute epsilon from it."""
         return {"delta": self.delta, **self.accountant.state_dict()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Accountant history, and the noise generator only when it is seeded (tests): real
+        noise state never touches the disk, and a resumed run draws fresh OS entropy."""
+        state: dict[str, Any] = {"kind": "dp-fedavg", "accountant": self.accountant.state_dict()}
+        if self.seeded:
+            raw = self.generator.get_state().numpy().tobytes()
+            state["noise_generator"] = base64.b64encode(raw).decode("ascii")
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "dp-fedavg":
+            raise ValueError(f"checkpoint holds a {state.get('kind')!r} aggregator, not "
+                             "dp-fedavg: resume with the run's own config")
+        self.accountant.load_state_dict(state["accountant"])
+        if self.seeded and "noise_generator" in state:
+            raw = base64.b64decode(state["noise_generator"])
+            self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
 
 def create_aggregator(cfg: FedMilmConfig) -> Aggregator:

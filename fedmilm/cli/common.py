@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from fedmilm.config import ConfigError, FedMilmConfig, load_config
+from fedmilm.config import ConfigError, FedMilmConfig, load_config, to_yaml
 from fedmilm.data import DataFormatError, count_users
+from fedmilm.metrics import read_records
 from fedmilm.model import smollm2
 from fedmilm.privacy.calibrate import resolve_privacy
+
+log = logging.getLogger("fedmilm")
 
 # conf/ sits at the repository root, beside this package (editable install).
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -32,6 +37,58 @@ def load_or_exit(raw: DictConfig) -> FedMilmConfig:
             print(f"fedmilm: config error: {line}", file=sys.stderr)
         sys.exit(2)
     return cfg
+
+
+def run_dir_and_config(raw: DictConfig, hydra_dir: str, task_overrides: list[str]
+                       ) -> tuple[FedMilmConfig, Path]:
+    """The config and run directory of this invocation: Hydra's new directory, or with
+    `resume=RUN_DIR` that directory and the config saved in it (other overrides are refused:
+    a resumed run must be the same experiment)."""
+    resume = raw.get("resume")
+    if not resume:
+        return load_or_exit(raw), Path(hydra_dir)
+    run_dir = Path(str(resume)).expanduser().resolve()
+    others = [o for o in task_overrides if not o.lstrip("+~").startswith("resume=")]
+    problems = []
+    if others:
+        problems.append(f"resume={resume} continues the saved config; drop the other overrides "
+                        f"({' '.join(others)})")
+    if not (run_dir / "config.yaml").is_file():
+        problems.append(f"resume={resume}: no config.yaml there; point it at a run directory")
+    if problems:
+        for line in problems:
+            print(f"fedmilm: config error: {line}", file=sys.stderr)
+        sys.exit(2)
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved.resume = str(run_dir)
+    return load_or_exit(saved), run_dir
+
+
+def report_run(cfg: FedMilmConfig, run_dir: Path, started: float) -> None:
+    """Check that every round ran and log the last round's losses; raise if rounds are missing."""
+    metrics = run_dir / "metrics.jsonl"
+    records = read_records(metrics) if metrics.exists() else []
+    if len(records) != cfg.federation.rounds:
+        raise RuntimeError(f"the federation stopped after {len(records)} of "
+                           f"{cfg.federation.rounds} rounds; see the log above")
+    last = records[-1]
+    log.info("done in %.0f s. Last round held-out loss: base %s, global %s, personal %s",
+             time.perf_counter() - started, *(_fmt(last[k]) for k in
+                                               ("loss_base", "loss_global", "loss_personal")))
+    log.info("outputs: %s (metrics.jsonl, global_adapter/, plots/, checkpoints/, devices/)",
+             run_dir)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def prepare_run(cfg: FedMilmConfig, run_dir: Path) -> None:
+    """Create the run directory with its config.yaml (kept as is on resume), and the model."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    prepare_model(cfg)
 
 
 def prepare_model(cfg: FedMilmConfig) -> None:

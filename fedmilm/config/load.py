@@ -10,6 +10,10 @@ from omegaconf.errors import OmegaConfBaseException
 from fedmilm.config.schema import FedMilmConfig
 from fedmilm.config.validate import ConfigError, validate_config
 
+# `${or_default:${resume},...}` in conf/config.yaml: a resumed run logs into its own directory.
+OmegaConf.register_new_resolver("or_default", lambda value, default: value or default,
+                                replace=True)
+
 
 def load_config(raw: DictConfig | dict[str, Any]) -> FedMilmConfig:
     """Merge `raw` onto the schema (types, unknown keys), then run the semantic checks.

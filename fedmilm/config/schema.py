@@ -145,6 +145,31 @@ class AuditConfig:
 
 
 @dataclass
+class AggregationConfig:
+    """How accepted updates become one global step (see `conf/aggregation/`)."""
+
+    method: str = MISSING            # fedavg | trimmed_mean | median | krum
+    trim_fraction: float = MISSING
+    krum_byzantine: int = MISSING
+    secure: bool = MISSING           # SecAgg+ through Flower's legacy workflow
+    secagg_shares: int = MISSING
+    secagg_threshold: int = MISSING
+    secagg_clip_range: float = MISSING
+    secagg_quant_range: int = MISSING
+
+
+@dataclass
+class DeployConfig:
+    """`fedmilm-deploy`: the local SuperLink and SuperNodes (see `conf/deploy/`)."""
+
+    insecure: bool = MISSING
+    host: str = MISSING
+    port: int | None = None
+    credentials_dir: str | None = None
+    startup_timeout_s: float = MISSING
+
+
+@dataclass
 class FedMilmConfig:
     """Root of the composed config."""
 
@@ -155,5 +180,8 @@ class FedMilmConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     seed: int = MISSING
+    resume: str | None = None        # a run directory to continue from its last checkpoint

@@ -13,6 +13,7 @@ LORA_VARIANTS = ("standard", "ffa")
 PRIVACY_MODES = ("none", "sample", "user", "both")
 ACCOUNTANT_NAMES = ("prv", "rdp")
 DTYPES = ("float32", "bfloat16")
+AGGREGATION_METHODS = ("fedavg", "trimmed_mean", "median", "krum")
 
 
 class ConfigError(ValueError):
@@ -150,11 +151,40 @@ def _check_privacy(cfg: FedMilmConfig, problems: list[str]) -> None:
                             "phone's update would be released with noise only")
 
 
+def _check_aggregation(cfg: FedMilmConfig, problems: list[str]) -> None:
+    agg, k = cfg.aggregation, cfg.federation.clients_per_round
+    _choice(problems, "aggregation.method", agg.method, AGGREGATION_METHODS)
+    if agg.method != "fedavg" and cfg.privacy.user_level:
+        problems.append(f"aggregation.method={agg.method} with user-level DP: the noise is "
+                        "calibrated to the mean of clipped updates; use aggregation.method=fedavg")
+    if agg.method != "fedavg" and agg.secure:
+        problems.append(f"aggregation.method={agg.method} needs every update, but "
+                        "aggregation.secure=true shows the server only their sum; pick one")
+    if not 0 <= agg.trim_fraction < 0.5:
+        problems.append(f"aggregation.trim_fraction={agg.trim_fraction} must be in [0, 0.5)")
+    if agg.method == "krum" and not 0 <= agg.krum_byzantine <= max(0, k - 3):
+        problems.append(f"aggregation.krum_byzantine={agg.krum_byzantine} must be in [0, "
+                        f"clients_per_round - 3 = {k - 3}]: Krum needs n > f + 2")
+    if agg.secure:
+        if not 2 <= agg.secagg_shares <= k:
+            problems.append(f"aggregation.secagg_shares={agg.secagg_shares} must be in [2, "
+                            f"federation.clients_per_round={k}]")
+        if not 2 <= agg.secagg_threshold <= agg.secagg_shares:
+            problems.append(f"aggregation.secagg_threshold={agg.secagg_threshold} must be in "
+                            f"[2, aggregation.secagg_shares={agg.secagg_shares}]")
+        if cfg.federation.min_replies < agg.secagg_threshold:
+            problems.append(f"federation.min_replies={cfg.federation.min_replies} is below "
+                            f"aggregation.secagg_threshold={agg.secagg_threshold}: SecAgg+ "
+                            "cannot unmask fewer phones than its threshold")
+        _positive(problems, "aggregation.secagg_clip_range", agg.secagg_clip_range)
+        _positive(problems, "aggregation.secagg_quant_range", agg.secagg_quant_range)
+
+
 def validate_config(cfg: FedMilmConfig) -> None:
     """Raise `ConfigError` listing every invalid value, each with its key and the fix."""
     problems: list[str] = []
     for check in (_check_model, _check_lora, _check_data, _check_train, _check_federation,
-                  _check_privacy):
+                  _check_privacy, _check_aggregation):
         check(cfg, problems)
     if problems:
         raise ConfigError(problems)

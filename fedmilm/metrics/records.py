@@ -10,9 +10,10 @@ from statistics import fmean
 
 @dataclass(frozen=True)
 class ClientEval:
-    """One phone's held-out losses (keyed by Flower node id: the server never learns more)."""
+    """One phone's held-out losses, keyed by its device id (the stable pseudonym a phone
+    announces: `partition-id` of its node config), never by anything it holds."""
 
-    node: int
+    device: int
     loss_base: float
     loss_global: float
     loss_personal: float | None
@@ -23,7 +24,7 @@ class RoundRecord:
     """Everything a user needs to judge one round. Privacy fields are null without DP."""
 
     round: int
-    clients: int                   # phones whose update was aggregated
+    clients: int                   # phones whose update was aggregated (0 if skipped)
     sampled: int
     rejected: int
     declined: int                  # phones that refused to train (DP-SGD budget spent)
@@ -39,6 +40,7 @@ class RoundRecord:
     epsilon_sample_max: float | None = None
     delta: float | None = None
     accountant: str | None = None  # which accountant produced the epsilons
+    skipped: bool = False          # too few valid replies: the global adapter did not change
     per_client: list[ClientEval] = field(default_factory=list)
 
 
@@ -70,7 +72,9 @@ def format_progress(record: RoundRecord, total_rounds: int) -> str:
     if record.epsilon_user is not None or record.epsilon_sample_max is not None:
         privacy = (f" | eps user {fmt(record.epsilon_user)} sample-max "
                    f"{fmt(record.epsilon_sample_max)}")
-    return (f"round {record.round:>3}/{total_rounds} | clients {record.clients}/{record.sampled}"
+    skipped = " SKIPPED (adapter unchanged)" if record.skipped else ""
+    return (f"round {record.round:>3}/{total_rounds}{skipped} | clients "
+            f"{record.clients}/{record.sampled}"
             f" (rejected {record.rejected}, declined {record.declined}) | train "
             f"{fmt(record.train_loss)} | held-out base {fmt(record.loss_base)} global "
             f"{fmt(record.loss_global)} personal {fmt(record.loss_personal)}{privacy} | "

@@ -49,6 +49,7 @@ def _recorder(msg: Message, context: Context, call) -> Message:
 
 def _recording_app() -> ClientApp:
     app = ClientApp(mods=[_recorder])
+    app.query()(phone_app.identify)
     app.train()(phone_app.train)
     app.evaluate()(phone_app.evaluate)
     return app

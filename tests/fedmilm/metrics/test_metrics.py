@@ -16,7 +16,7 @@ REQUIRED = {"round", "loss_base", "loss_global", "loss_personal", "epsilon_user"
 
 
 def _record(r: int) -> RoundRecord:
-    evals = [ClientEval(node=n, loss_base=3.0, loss_global=2.5 - 0.1 * r, loss_personal=None)
+    evals = [ClientEval(device=n, loss_base=3.0, loss_global=2.5 - 0.1 * r, loss_personal=None)
              for n in (1, 2)]
     return RoundRecord(round=r, clients=2, sampled=2, rejected=0, declined=0, train_loss=2.0,
                        loss_base=3.0, loss_global=2.5 - 0.1 * r, loss_personal=None,
@@ -31,7 +31,7 @@ def test_jsonl_has_the_design_keys_and_round_trips(tmp_path):
     rows = read_records(path)
     assert [row["round"] for row in rows] == [1, 2]
     assert REQUIRED <= set(rows[0])
-    assert rows[0]["epsilon_user"] is None and rows[1]["per_client"][0]["node"] == 1
+    assert rows[0]["epsilon_user"] is None and rows[1]["per_client"][0]["device"] == 1
 
 
 def test_mean_ignores_missing_values():

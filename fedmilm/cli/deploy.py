@@ -1,0 +1,71 @@
+"""`fedmilm-deploy`: the federation on Flower's Deployment Engine, on this host.
+
+    fedmilm-deploy [hydra overrides]             e.g. federation.num_clients=4 federation.rounds=3
+    fedmilm-deploy deploy.insecure=true          no TLS / node auth (warns; loopback only)
+    fedmilm-deploy resume=RUN_DIR                continue a killed run from its last checkpoint
+
+Starts a SuperLink (TLS, SuperNode authentication) and one SuperNode per phone, registers the
+phones' keys, submits the run with `flwr run`, streams its log, writes the same run directory as
+`fedmilm-simulate` and stops every process at the end, on Ctrl-C and on failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from fedmilm.runtime import quiet_offline_env
+
+quiet_offline_env()
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fedmilm.cli.common import CONFIG_DIR, prepare_run, report_run, run_dir_and_config  # noqa: E402
+from fedmilm.config import FedMilmConfig  # noqa: E402
+from fedmilm.deploy.local import LocalFederation  # noqa: E402
+
+log = logging.getLogger("fedmilm")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM behaves like Ctrl-C, so the `with` block below stops every child."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def deploy(cfg: FedMilmConfig, run_dir: Path) -> None:
+    """Run one deployed federation whose outputs go to `run_dir`."""
+    prepare_run(cfg, run_dir)
+    started = time.perf_counter()
+    with LocalFederation(cfg, run_dir) as federation:
+        code = federation.submit_and_stream()
+        if code != 0:
+            raise RuntimeError(f"flwr run exited with code {code}; process logs in "
+                               f"{federation.layout.logs}\n{federation.failure_context()}")
+    report_run(cfg, run_dir, started)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
+def _main(raw: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    cfg, run_dir = run_dir_and_config(raw, hydra_cfg.runtime.output_dir,
+                                      list(hydra_cfg.overrides.task))
+    _stop_on_sigterm()
+    try:
+        deploy(cfg, run_dir)
+    except KeyboardInterrupt:
+        log.warning("interrupted: every SuperLink/SuperNode process was stopped; continue with "
+                    "fedmilm-deploy resume=%s", run_dir)
+        sys.exit(130)
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(_main())

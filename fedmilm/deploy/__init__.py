@@ -1,0 +1,1 @@
+"""Real Flower deployments: credentials, managed processes, the local federation."""

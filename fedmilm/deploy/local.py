@@ -1,0 +1,205 @@
+"""A real Flower deployment on one host: SuperLink + one SuperNode per phone, TLS and SuperNode
+authentication on, the run submitted with `flwr run`, every process stopped at the end.
+
+The same ServerApp (`fedmilm.server.app:app`) and ClientApp as in simulation run here; the
+Hydra config reaches the ServerApp through the run config (YAML in `fedmilm-config`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmilm import protocol
+from fedmilm.config import FedMilmConfig, to_yaml
+from fedmilm.deploy.credentials import Credentials, create_credentials
+from fedmilm.deploy.processes import ProcessGroup, free_port, log_tail, wait_for_port
+from fedmilm.runtime import OFFLINE_ENV
+
+log = logging.getLogger("fedmilm.deploy")
+
+CONNECTION = "fedmilm"  # the connection name in the flwr CLI's config.toml
+APP_DIR = Path(__file__).resolve().parents[2]  # the project (pyproject.toml = the Flower app)
+
+
+def _tool(name: str) -> str:
+    """A Flower executable from this Python's environment."""
+    path = Path(sys.executable).with_name(name)
+    found = str(path) if path.exists() else shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found; install fedmilm with its pinned flwr")
+    return found
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a deployment keeps its state inside the run directory."""
+
+    run_dir: Path
+
+    @property
+    def root(self) -> Path:
+        return self.run_dir / "deploy"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def flwr_home(self, who: str) -> Path:
+        return self.root / "flwr_home" / who
+
+    def device_dir(self, index: int) -> Path:
+        return self.run_dir / "devices" / str(index)  # the same place simulation uses
+
+
+def node_config(index: int, num_nodes: int, device_dir: Path) -> str:
+    """A SuperNode's `--node-config`: its user partition and its own storage folder."""
+    if any(c in str(device_dir) for c in "\"'"):
+        raise ValueError(f"device folder {device_dir} must not contain quotes")
+    return (f"{protocol.PARTITION_ID}={index} num-partitions={num_nodes} "
+            f"{protocol.DEVICE_DIR}='{device_dir}'")
+
+
+def cli_config(address: str, creds: Credentials | None) -> str:
+    """The flwr CLI's `config.toml` naming our SuperLink connection."""
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f'address = "{address}"']
+    lines.append("insecure = true" if creds is None
+                 else f"root-certificates = {json.dumps(str(creds.ca_cert))}")
+    return "\n".join(lines) + "\n"
+
+
+def run_config_toml(cfg: FedMilmConfig, run_dir: Path) -> str:
+    """The run config file for `flwr run --run-config` (JSON strings are valid TOML)."""
+    return (f"{protocol.RUN_CONFIG} = {json.dumps(to_yaml(cfg))}\n"
+            f"{protocol.RUN_DIR} = {json.dumps(str(run_dir))}\n")
+
+
+class LocalFederation:
+    """Start, use and always stop a SuperLink with `num_nodes` SuperNodes on this host."""
+
+    def __init__(self, cfg: FedMilmConfig, run_dir: Path) -> None:
+        self.cfg, self.layout = cfg, Layout(run_dir)
+        self.host = cfg.deploy.host
+        self.port = cfg.deploy.port or free_port(self.host)
+        self.address = f"{self.host}:{self.port}"
+        self.creds: Credentials | None = None
+        env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
+        self.processes = ProcessGroup(env=env, log_dir=self.layout.logs)
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self._start()
+        except BaseException:
+            self.processes.stop_all()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.processes.stop_all()
+
+    # ---- start-up
+    def _credentials(self) -> Credentials:
+        chosen = self.cfg.deploy.credentials_dir
+        folder = Path(chosen).expanduser() if chosen else self.layout.root / "credentials"
+        return create_credentials(folder, num_nodes=self.cfg.federation.num_clients,
+                                  hosts=(self.host, "localhost"))
+
+    def _start(self) -> None:
+        n = self.cfg.federation.num_clients
+        if self.cfg.deploy.insecure:
+            log.warning("deploy.insecure=true: TLS and SuperNode authentication are OFF; anyone "
+                        "who reaches %s can join or read the federation", self.address)
+        else:
+            self.creds = self._credentials()
+        home = self.layout.flwr_home("cli")
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(cli_config(self.address, self.creds))
+        self._start_superlink()
+        for index in range(n):
+            if self.creds is not None:
+                self.register(self.creds.node_public_key(index))
+            self.start_supernode(index)
+        log.info("local federation up: SuperLink %s (%s), %d SuperNodes", self.address,
+                 "insecure" if self.creds is None else "TLS + SuperNode auth", n)
+
+    def _start_superlink(self) -> None:
+        argv = [_tool("flower-superlink"), "--host", self.host, "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
+        if self.creds is None:
+            argv.append("--insecure")
+        else:
+            argv += ["--ssl-ca-certfile", str(self.creds.ca_cert),
+                     "--ssl-certfile", str(self.creds.server_cert),
+                     "--ssl-keyfile", str(self.creds.server_key), "--enable-supernode-auth"]
+        child = self.processes.start("superlink", argv, extra_env={
+            "FLWR_HOME": str(self.layout.flwr_home("superlink"))})
+        wait_for_port(child, self.host, self.port, self.cfg.deploy.startup_timeout_s)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the flwr CLI against our SuperLink connection."""
+        env = {**self.processes.env, "FLWR_HOME": str(self.layout.flwr_home("cli"))}
+        return subprocess.run([_tool("flwr"), *args], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+
+    def register(self, public_key: Path) -> None:
+        """Register a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
+        done = self.flwr("supernode", "register", str(public_key), CONNECTION)
+        if done.returncode != 0:
+            raise RuntimeError(f"registering {public_key.name} failed:\n{done.stdout}"
+                               f"{done.stderr}")
+
+    def start_supernode(self, index: int, *, private_key: Path | None = None,
+                        name: str | None = None) -> subprocess.Popen:
+        """Start SuperNode `index` (its data partition and device folder); with TLS it
+        authenticates with `private_key` (default: its own registered key)."""
+        n = self.cfg.federation.num_clients
+        device = self.layout.device_dir(index)
+        device.mkdir(parents=True, exist_ok=True)
+        name = name or f"supernode-{index}"
+        argv = [_tool("flower-supernode"), "--superlink", self.address,
+                "--port", str(free_port()), "--node-config", node_config(index, n, device),
+                "--max-retries", "3"]
+        if self.creds is None:
+            argv.append("--insecure")
+        else:
+            key = private_key or self.creds.node_key(index)
+            argv += ["--root-certificates", str(self.creds.ca_cert),
+                     "--auth-supernode-private-key", str(key)]
+        child = self.processes.start(name, argv, extra_env={
+            "FLWR_HOME": str(self.layout.flwr_home(name))})
+        return child.proc
+
+    # ---- the run
+    def submit_and_stream(self, *, echo: bool = True) -> int:
+        """Submit the run with `flwr run --stream`, echo its log until it ends; exit code."""
+        run_config = self.layout.root / "run_config.toml"
+        run_config.write_text(run_config_toml(self.cfg, self.layout.run_dir))
+        env = {**self.processes.env, "FLWR_HOME": str(self.layout.flwr_home("cli"))}
+        argv = [_tool("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config",
+                str(run_config), "--stream"]
+        with open(self.layout.logs / "run.log", "w", encoding="utf-8") as out:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=env, start_new_session=True)
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    out.write(line)
+                    if echo:
+                        print(line, end="", flush=True)
+                return proc.wait()
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=10)
+
+    def failure_context(self) -> str:
+        """Log tails of every process, for an error message."""
+        return "\n".join(f"--- {c.name} ---\n{log_tail(c.log_path, 8)}"
+                         for c in self.processes.children)

@@ -1,0 +1,97 @@
+"""Child processes that are always cleaned up: each in its own process group, stopped with
+SIGTERM and then SIGKILL, whatever way the parent leaves (return, exception, Ctrl-C)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("fedmilm.deploy")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log file, for error messages."""
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Managed:
+    """One started child process and where its output goes."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+
+@dataclass
+class ProcessGroup:
+    """Children started through `start`, stopped together by `stop_all` (newest first)."""
+
+    env: dict[str, str]
+    log_dir: Path
+    children: list[Managed] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], *, extra_env: dict[str, str] | None = None
+              ) -> Managed:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**self.env, **(extra_env or {})})
+        child = Managed(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every child's process group, wait up to `grace_s`, then SIGKILL."""
+        for child in reversed(self.children):
+            _signal_group(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", child.name, grace_s)
+        for child in self.children:  # also reaps grandchildren left in the group
+            _signal_group(child.proc, signal.SIGKILL)
+            child.proc.wait()
+        self.children.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for_port(child: Managed, host: str, port: int, timeout_s: float) -> None:
+    """Block until `host:port` accepts connections; fail fast if the child exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}:\n"
+                               f"{log_tail(child.log_path)}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{child.name} is not listening on {host}:{port} after {timeout_s:.0f} s:"
+                       f"\n{log_tail(child.log_path)}")

@@ -1,0 +1,107 @@
+"""Server checkpoints: everything needed to continue a run after the server dies.
+
+One folder per completed round, `checkpoints/round_NNNN/`, written under a temporary name and
+renamed into place, so a folder that exists is complete: a `kill -9` mid-write leaves only a
+temporary folder that is ignored and cleaned up. The last `KEEP` rounds are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from fedmilm.adapters import State
+
+KEEP = 2
+FORMAT_VERSION = 1
+_PREFIX = "round_"
+
+
+@dataclass
+class ServerState:
+    """The server's state after `round` completed rounds."""
+
+    round: int
+    global_state: State
+    sampler: random.Random
+    aggregator: dict[str, Any]
+    epsilon_sample: dict[int, float]   # device id -> its latest DP-SGD epsilon
+
+
+def config_fingerprint(config_text: str) -> str:
+    """Identifies the run's config, so a checkpoint is never resumed under another one."""
+    return hashlib.sha256(config_text.encode()).hexdigest()[:16]
+
+
+def _sampler_to_json(sampler: random.Random) -> list:
+    version, internal, gauss = sampler.getstate()
+    return [version, list(internal), gauss]
+
+
+def _sampler_from_json(raw: list) -> random.Random:
+    sampler = random.Random()
+    sampler.setstate((raw[0], tuple(raw[1]), raw[2]))
+    return sampler
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(folder: Path, state: ServerState, *, fingerprint: str) -> Path:
+    """Write round `state.round` atomically; drop all but the newest `KEEP` rounds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{_PREFIX}{state.round:04d}"
+    tmp = folder / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.global_state.items()}
+    save_file(tensors, str(tmp / "global.safetensors"))
+    meta = {"version": FORMAT_VERSION, "round": state.round, "config": fingerprint,
+            "sampler": _sampler_to_json(state.sampler), "aggregator": state.aggregator,
+            "epsilon_sample": {str(k): v for k, v in state.epsilon_sample.items()}}
+    with open(tmp / "server.json", "w", encoding="utf-8") as handle:
+        json.dump(meta, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # a rerun of a round replaces its old folder
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    for old in sorted(folder.glob(f"{_PREFIX}*"))[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete round folder, or None when there is none."""
+    rounds = sorted(p for p in folder.glob(f"{_PREFIX}[0-9]*") if p.is_dir())
+    return rounds[-1] if rounds else None
+
+
+def load_checkpoint(path: Path, *, fingerprint: str) -> ServerState:
+    """Read one round folder; refuses another config's or format's checkpoint."""
+    meta = json.loads((path / "server.json").read_text(encoding="utf-8"))
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {meta.get('version')} is not supported")
+    if meta["config"] != fingerprint:
+        raise ValueError(f"{path}: checkpoint was written under a different config; resume "
+                         "with the run's own config.yaml")
+    return ServerState(round=int(meta["round"]),
+                       global_state=load_file(str(path / "global.safetensors")),
+                       sampler=_sampler_from_json(meta["sampler"]),
+                       aggregator=meta["aggregator"],
+                       epsilon_sample={int(k): float(v)
+                                       for k, v in meta["epsilon_sample"].items()})

@@ -1,0 +1,116 @@
+"""Real `flower-superlink` / `flower-supernode` processes on 127.0.0.1 with TLS and SuperNode
+authentication: a full run, a refused stranger, plain HTTP refused, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fedmilm.config import to_yaml
+from fedmilm.deploy.credentials import create_credentials
+from fedmilm.deploy.local import LocalFederation, cli_config, node_config
+from fedmilm.deploy.processes import log_tail
+from tests.conftest import tiny_config
+
+SMALL = ["federation.num_clients=2", "federation.clients_per_round=2", "federation.rounds=2",
+         "federation.round_timeout_s=180", "train.lr=0.02"]
+DEPLOY = [sys.executable, "-c", "from fedmilm.cli.deploy import main; main()"]
+
+
+def _alive(pattern: str) -> list[str]:
+    done = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True)
+    return [line for line in done.stdout.splitlines() if "pgrep" not in line]
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def test_tls_authenticated_federation_runs_and_refuses_strangers(tmp_path):
+    cfg = tiny_config(*SMALL)
+    run_dir = tmp_path / "run"
+    (run_dir).mkdir()
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    stranger = create_credentials(tmp_path / "stranger", num_nodes=1)  # never registered
+    with LocalFederation(cfg, run_dir) as federation:
+        host, port = federation.host, federation.port
+        # a SuperNode whose key is not registered is refused and gives up
+        rogue = federation.start_supernode(0, private_key=stranger.node_key(0), name="stranger")
+        assert _wait_exit(rogue, timeout=120) != 0
+        assert "Failed to activate SuperNode" in log_tail(federation.layout.logs /
+                                                          "stranger.log", 40)
+        # TLS is on: plain HTTP gets nothing, HTTPS with our CA is answered
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5).read()
+        context = ssl.create_default_context(cafile=str(federation.creds.ca_cert))
+        try:
+            urllib.request.urlopen(f"https://{host}:{port}/health", timeout=5, context=context)
+        except urllib.error.HTTPError as err:  # any HTTP status proves the TLS handshake
+            assert err.code < 600
+        # the registered phones train two rounds to completion
+        code = federation.submit_and_stream(echo=False)
+        assert code == 0, federation.failure_context()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
+    assert rows[-1]["loss_global"] < rows[-1]["loss_base"]
+    assert (run_dir / "global_adapter" / "adapter_model.safetensors").exists()
+    assert (run_dir / "checkpoints" / "round_0002").is_dir()
+    for device in ("0", "1"):  # each SuperNode kept its personal part in its own folder
+        assert (run_dir / "devices" / device / "personal_adapter.safetensors").exists()
+    time.sleep(1)
+    assert _alive(str(run_dir)) == []  # no SuperLink, SuperNode or SuperExec left
+    with pytest.raises(OSError):  # and the port is free again
+        import socket
+
+        socket.create_connection((host, port), timeout=2).close()
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*DEPLOY, "model=tiny", *SMALL, "federation.rounds=20",
+                             f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "local federation up" in line:
+            break
+    else:
+        pytest.fail("".join(lines[-30:]))
+    assert len(_alive(str(run_dir))) >= 3  # SuperLink and two SuperNodes were running
+    os.kill(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest[-2000:]
+    assert "continue with fedmilm-deploy resume=" in rest
+    time.sleep(1)
+    assert _alive(str(run_dir)) == []
+
+
+def test_insecure_mode_must_be_asked_for_and_configs_are_well_formed(tmp_path):
+    cfg = tiny_config(*SMALL)
+    assert cfg.deploy.insecure is False  # TLS + node auth by default
+    creds = create_credentials(tmp_path / "c", num_nodes=1)
+    secure = cli_config("127.0.0.1:9000", creds)
+    assert "insecure =" not in secure and str(creds.ca_cert) in secure
+    assert "insecure = true" in cli_config("127.0.0.1:9000", None)
+    assert node_config(3, 8, Path("/data/p3")) == ("partition-id=3 num-partitions=8 "
+                                                   "device-dir='/data/p3'")
+    with pytest.raises(ValueError, match="quotes"):
+        node_config(0, 1, Path("/tmp/it's"))
+    assert (tmp_path / "c" / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert creds.node_key(0).stat().st_mode & 0o777 == 0o600
