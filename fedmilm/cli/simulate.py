@@ -35,14 +35,28 @@ log = logging.getLogger("fedmilm")
 
 
 def backend_config(cfg: FedMilmConfig) -> dict:
-    """Ray resources: `cpus_per_client` per virtual phone, i.e. one base-model copy per worker."""
+    """Ray resources: `cpus_per_client` per virtual phone, i.e. one base-model copy per worker.
+    A private Ray instance unless `federation.ray_address` names a running cluster."""
+    resources = {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": 0.0}
+    if cfg.federation.ray_address:  # the cluster's own settings apply; attach_ray connected
+        return {"client_resources": resources, "init_args": {}}
     init_args: dict = {"logging_level": "ERROR", "log_to_driver": True,
                        "include_dashboard": False,
                        "object_store_memory": 512 * 1024 * 1024}  # adapters are MBs, not GBs
     if cfg.federation.total_cpus is not None:
         init_args["num_cpus"] = cfg.federation.total_cpus
-    return {"client_resources": {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": 0.0},
-            "init_args": init_args}
+    return {"client_resources": resources, "init_args": init_args}
+
+
+def attach_ray(address: str) -> None:
+    """Connect this driver to an existing Ray cluster (Flower then reuses the connection) and
+    say what it offers. Every node needs fedmilm installed, as on this machine."""
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=True)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    log.info("attached to the Ray cluster at %s: %d nodes, %d CPUs", address, len(nodes), cpus)
 
 
 def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
@@ -52,6 +66,8 @@ def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
     prepare_run(cfg, run_dir)
     server_app = load_component(SERVER_FACTORY)(to_yaml(cfg), str(run_dir))
     started = time.perf_counter()
+    if cfg.federation.ray_address:
+        attach_ray(cfg.federation.ray_address)
     run_simulation(server_app=server_app, client_app=load_component(CLIENT_APP),
                    num_supernodes=cfg.federation.num_clients,
                    backend_config=backend_config(cfg))

@@ -93,6 +93,7 @@ class FederationConfig:
     max_update_norm: float = MISSING
     cpus_per_client: int = MISSING
     total_cpus: int | None = None
+    ray_address: str | None = None  # simulation: attach to this Ray cluster (host:port)
 
 
 @dataclass

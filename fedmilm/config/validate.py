@@ -105,6 +105,9 @@ def _check_federation(cfg: FedMilmConfig, problems: list[str]) -> None:
     if fed.clients_per_eval is not None and not 0 < fed.clients_per_eval <= fed.num_clients:
         problems.append(f"federation.clients_per_eval={fed.clients_per_eval} must be in "
                         f"[1, federation.num_clients={fed.num_clients}] or null (all)")
+    if fed.ray_address and fed.total_cpus is not None:
+        problems.append("federation.total_cpus applies to a private Ray instance only; with "
+                        "federation.ray_address the cluster's own CPUs count (set it to null)")
     if not 1 <= fed.min_replies <= fed.clients_per_round:
         problems.append(f"federation.min_replies={fed.min_replies} must be in "
                         f"[1, federation.clients_per_round={fed.clients_per_round}]")
