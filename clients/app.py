@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from fedmilm import protocol
 from fedmilm.clients.phone import phone_for
 from fedmilm.clients.privacy import LEDGER_FILE, dp_sgd_for, open_ledger
+from fedmilm.clients.secure import secure_aggregation_mod
 from fedmilm.privacy import BudgetExceeded, PrivacyLedger
 from fedmilm.runtime import quiet_offline_env
 from fedmilm.training import evaluate_phone, train_phone
@@ -38,7 +39,7 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train on the phone's private data; reply with the update of the global part."""
     phone = phone_for(msg, context)

@@ -6,12 +6,12 @@ import json
 import logging
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedmilm import protocol
 from fedmilm.adapters import AdapterSpace, State, cached_adapter_space, save_global_adapter
 from fedmilm.aggregation import Aggregator, apply_update, create_aggregator
 from fedmilm.config import FedMilmConfig, to_yaml
@@ -42,7 +42,9 @@ from fedmilm.server.messages import (
     collect_evals,
     collect_updates,
     query_messages,
+    round_config,
 )
+from fedmilm.server.secure import secure_mean
 
 log = logging.getLogger("fedmilm.server")
 
@@ -75,21 +77,23 @@ def _warn_risky(cfg: FedMilmConfig) -> None:
                     "tests only, never for real users")
 
 
-def _round_record(server_round: int, *, cohort: list[int], replies: TrainReplies,
-                  skipped: bool, evals: list[ClientEval], bytes_down: int, started: float,
+def _round_record(server_round: int, *, cohort: list[int], outcome: TrainOutcome,
+                  evals: list[ClientEval], bytes_down: int, started: float,
                   aggregator: Aggregator, epsilon_sample: dict[int, float],
                   cfg: FedMilmConfig) -> RoundRecord:
+    replies, skipped = outcome.replies, outcome.step is None
     accepted = replies.accepted
     seconds = sum(u.seconds for u in accepted)
     dp = cfg.privacy.user_level or cfg.privacy.sample_level
     return RoundRecord(
-        round=server_round, clients=0 if skipped else len(accepted), sampled=len(cohort),
+        round=server_round, clients=0 if skipped else outcome.contributors,
+        sampled=len(cohort),
         rejected=replies.rejected, declined=replies.declined,
         train_loss=mean_or_none([u.train_loss for u in accepted]),
         loss_base=mean_or_none([e.loss_base for e in evals]),
         loss_global=mean_or_none([e.loss_global for e in evals]),
         loss_personal=mean_or_none([e.loss_personal for e in evals]),
-        bytes_up=sum(u.nbytes for u in accepted), bytes_down=bytes_down,
+        bytes_up=outcome.bytes_up, bytes_down=bytes_down,
         seconds=time.perf_counter() - started,
         tokens_per_s=sum(u.tokens for u in accepted) / seconds if seconds > 0 else None,
         epsilon_user=aggregator.epsilon(),
@@ -114,6 +118,53 @@ def _finish(space: AdapterSpace, global_state: State, cfg: FedMilmConfig, run_di
     evaluated = [r for r in records if r["per_client"]]
     if evaluated:
         plot_clients(evaluated[-1], plots / "per_client_loss.png")
+
+
+@dataclass
+class TrainOutcome:
+    """A round's training result: the global step (None: skipped) and what to record."""
+
+    step: State | None
+    replies: TrainReplies
+    contributors: int
+    bytes_up: int
+
+
+def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round: int,
+                 aggregator: Aggregator, cfg: FedMilmConfig, run_dir: Path) -> TrainOutcome:
+    """Send the global part, validate every reply, aggregate what passes."""
+    fed = cfg.federation
+    train_msgs = build_messages(cohort, message_type=TRAIN, global_state=state.global_state,
+                                server_round=server_round, config_text=to_yaml(cfg),
+                                storage_root=str(run_dir / "devices"))
+    replies = list(grid.send_and_receive(train_msgs, timeout=fed.round_timeout_s))
+    sorted_replies = collect_updates(replies, state.global_state, devices=state.devices,
+                                     max_norm=aggregator.max_update_norm)
+    missing = len(cohort) - len(replies)
+    if missing:
+        log.warning("round %d: %d phone(s) did not reply within federation.round_timeout_s="
+                    "%g s; left out", server_round, missing, fed.round_timeout_s)
+    sorted_replies.rejected += missing
+    state.epsilon_sample.update(sorted_replies.epsilon_sample)
+    accepted = sorted_replies.accepted
+    step = aggregator.aggregate([u.update for u in accepted], [u.num_examples for u in accepted],
+                                state.global_state)
+    return TrainOutcome(step=step, replies=sorted_replies, contributors=len(accepted),
+                        bytes_up=sum(u.nbytes for u in accepted))
+
+
+def _train_secure(grid: Grid, cohort: list[int], state: ServerState, server_round: int,
+                  aggregator: Aggregator, cfg: FedMilmConfig, run_dir: Path) -> TrainOutcome:
+    """SecAgg+: the server sees only the mean; per-phone validation is impossible by design
+    (SecAgg+ bounds each coordinate to +-secagg_clip_range instead)."""
+    config = round_config(server_round, to_yaml(cfg), str(run_dir / "devices"))
+    result = secure_mean(grid, cohort, global_state=state.global_state, config=config,
+                         server_round=server_round, agg=cfg.aggregation,
+                         timeout=cfg.federation.round_timeout_s)
+    step = aggregator.aggregate_secure(result.mean, result.count, state.global_state)
+    replies = TrainReplies(rejected=len(cohort) - result.count)
+    return TrainOutcome(step=step, replies=replies, contributors=result.count,
+                        bytes_up=result.count * ArrayRecord(state.global_state).count_bytes())
 
 
 def discover_devices(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
@@ -163,6 +214,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
     devices = discover_devices(grid, wait_for_nodes(grid, wanted=fed.num_clients,
                                                     needed=fed.clients_per_round),
                                timeout=fed.round_timeout_s)
+    state.devices = devices
     node_of = {device: node for node, device in devices.items()}
     population = sorted(node_of)  # sampling is over device ids: stable across restarts
     metrics_path = run_dir / "metrics.jsonl"
@@ -179,27 +231,14 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
         started = time.perf_counter()
         # ---- train: sample, send the global part, collect and validate updates
         cohort = [node_of[d] for d in aggregator.cohort(population, state.sampler)]
-        train_msgs = build_messages(cohort, message_type=TRAIN, global_state=state.global_state,
-                                    server_round=server_round, config_text=config_text,
-                                    storage_root=storage_root)
-        replies = list(grid.send_and_receive(train_msgs, timeout=fed.round_timeout_s))
-        sorted_replies = collect_updates(replies, state.global_state, devices=devices,
-                                         max_norm=aggregator.max_update_norm)
-        missing = len(cohort) - len(replies)
-        if missing:
-            log.warning("round %d: %d phone(s) did not reply within federation.round_timeout_s="
-                        "%g s; left out", server_round, missing, fed.round_timeout_s)
-        sorted_replies.rejected += missing
-        state.epsilon_sample.update(sorted_replies.epsilon_sample)
-        # ---- aggregate: FedAvg/robust, or clipped + noised mean under user-level DP
-        accepted = sorted_replies.accepted
-        step = aggregator.aggregate([u.update for u in accepted],
-                                    [u.num_examples for u in accepted], state.global_state)
-        if step is None:
+        outcome = (_train_secure(grid, cohort, state, server_round, aggregator, cfg, run_dir)
+                   if cfg.aggregation.secure else
+                   _train_plain(grid, cohort, state, server_round, aggregator, cfg, run_dir))
+        if outcome.step is None:
             log.warning("round %d skipped: %d valid replies < federation.min_replies=%d",
-                        server_round, len(accepted), fed.min_replies)
+                        server_round, outcome.contributors, fed.min_replies)
         else:
-            state.global_state = apply_update(state.global_state, step)
+            state.global_state = apply_update(state.global_state, outcome.step)
         # ---- evaluate: held-out losses on the phones
         eval_devices = (population if fed.clients_per_eval is None
                         else sorted(state.sampler.sample(population, fed.clients_per_eval)))
@@ -209,10 +248,8 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
         evals = collect_evals(list(grid.send_and_receive(eval_msgs,
                                                          timeout=fed.round_timeout_s)), devices)
         # ---- record and checkpoint
-        bytes_down = sum(m.content.array_records[protocol.GLOBAL_ARRAYS].count_bytes()
-                         for m in train_msgs)
-        record = _round_record(server_round, cohort=cohort, replies=sorted_replies,
-                               skipped=step is None, evals=evals,
+        bytes_down = len(cohort) * ArrayRecord(state.global_state).count_bytes()
+        record = _round_record(server_round, cohort=cohort, outcome=outcome, evals=evals,
                                bytes_down=bytes_down, started=started, aggregator=aggregator,
                                epsilon_sample=state.epsilon_sample, cfg=cfg)
         append_record(metrics_path, record)

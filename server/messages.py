@@ -38,14 +38,18 @@ class TrainReplies:
     epsilon_sample: dict[int, float] = field(default_factory=dict)  # device -> ledger epsilon
 
 
+def round_config(server_round: int, config_text: str, storage_root: str) -> ConfigRecord:
+    """What every phone is told each round: the round, the run config, where storage lives."""
+    return ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.RUN_CONFIG: config_text,
+                         protocol.STORAGE_ROOT: storage_root})
+
+
 def build_messages(nodes: list[int], *, message_type: str, global_state: State,
                    server_round: int, config_text: str, storage_root: str) -> list[Message]:
     """One message per node, each with its own fresh records."""
     messages = []
     for node in nodes:
-        config = ConfigRecord({protocol.SERVER_ROUND: server_round,
-                               protocol.RUN_CONFIG: config_text,
-                               protocol.STORAGE_ROOT: storage_root})
+        config = round_config(server_round, config_text, storage_root)
         content = RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(global_state),
                               protocol.CONFIG: config})
         messages.append(Message(content=content, dst_node_id=node, message_type=message_type))

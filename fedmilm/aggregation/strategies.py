@@ -20,7 +20,7 @@ from fedmilm.aggregation.robust import robust_mean
 from fedmilm.config.schema import FedMilmConfig
 from fedmilm.privacy.accountant import Accountant
 from fedmilm.privacy.calibrate import user_sample_rate
-from fedmilm.privacy.user_level import noisy_mean
+from fedmilm.privacy.user_level import noised_total, noisy_mean
 
 CLIP_SLACK = 1e-3  # relative float32 slack allowed on a client's clipped norm
 
@@ -36,6 +36,11 @@ class Aggregator(Protocol):
 
     def aggregate(self, updates: list[State], weights: list[float],
                   reference: State) -> State | None: ...
+
+    def aggregate_secure(self, mean: State | None, count: int,
+                         reference: State) -> State | None:
+        """The global step from a securely aggregated mean of `count` updates."""
+        ...
 
     def epsilon(self) -> float | None: ...
 
@@ -71,6 +76,10 @@ class FedAvg:
             return weighted_mean(updates, weights)
         return robust_mean(updates, method=self.method, trim_fraction=self.trim_fraction,
                            byzantine=self.byzantine)
+
+    def aggregate_secure(self, mean: State | None, count: int,
+                         reference: State) -> State | None:
+        return mean if mean is not None and count >= self.min_replies else None
 
     def epsilon(self) -> float | None:
         return None
@@ -122,6 +131,15 @@ class DpFedAvg:
             return None
         return noisy_mean(updates, reference, clip_norm=self.clip, noise_multiplier=self.noise,
                           expected_clients=self.expected, generator=self.generator)
+
+    def aggregate_secure(self, mean: State | None, count: int,
+                         reference: State) -> State | None:
+        self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate)
+        if mean is None or count < self.min_replies:
+            return None
+        total = {k: v * count for k, v in mean.items()}  # SecAgg+ gives the mean of `count`
+        return noised_total(total, clip_norm=self.clip, noise_multiplier=self.noise,
+                            expected_clients=self.expected, generator=self.generator)
 
     def epsilon(self) -> float | None:
         return self.accountant.epsilon(self.delta)

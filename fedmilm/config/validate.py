@@ -169,12 +169,12 @@ def _check_aggregation(cfg: FedMilmConfig, problems: list[str]) -> None:
         problems.append(f"aggregation.krum_byzantine={agg.krum_byzantine} must be in [0, "
                         f"clients_per_round - 3 = {k - 3}]: Krum needs n > f + 2")
     if agg.secure:
-        if not 2 <= agg.secagg_shares <= k:
-            problems.append(f"aggregation.secagg_shares={agg.secagg_shares} must be in [2, "
-                            f"federation.clients_per_round={k}]")
-        if not 2 <= agg.secagg_threshold <= agg.secagg_shares:
+        if not 3 <= agg.secagg_shares <= k:
+            problems.append(f"aggregation.secagg_shares={agg.secagg_shares} must be in [3, "
+                            f"federation.clients_per_round={k}] (Flower's SecAgg+ needs 3+)")
+        if not 2 <= agg.secagg_threshold < agg.secagg_shares:
             problems.append(f"aggregation.secagg_threshold={agg.secagg_threshold} must be in "
-                            f"[2, aggregation.secagg_shares={agg.secagg_shares}]")
+                            f"[2, aggregation.secagg_shares={agg.secagg_shares})")
         if cfg.federation.min_replies < agg.secagg_threshold:
             problems.append(f"federation.min_replies={cfg.federation.min_replies} is below "
                             f"aggregation.secagg_threshold={agg.secagg_threshold}: SecAgg+ "

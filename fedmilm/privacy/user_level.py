@@ -33,12 +33,18 @@ def noisy_mean(updates: list[State], reference: State, *, clip_norm: float,
 
     `reference` gives keys and shapes, so an empty cohort still releases (pure) noise.
     """
+    total = {key: sum((u[key].to(torch.float32) for u in updates),
+                      torch.zeros_like(ref, dtype=torch.float32))
+             for key, ref in reference.items()}
+    return noised_total(total, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                        expected_clients=expected_clients, generator=generator)
+
+
+def noised_total(total: State, *, clip_norm: float, noise_multiplier: float,
+                 expected_clients: float, generator: torch.Generator) -> State:
+    """(total + Gaussian noise of std sigma * C) / expected_clients, for a sum the server got
+    either by adding the clipped updates itself or from secure aggregation."""
     std = noise_multiplier * clip_norm
-    out = {}
-    for key, ref in reference.items():
-        total = torch.zeros_like(ref, dtype=torch.float32)
-        for update in updates:
-            total += update[key].to(torch.float32)
-        noise = torch.normal(0.0, std, size=ref.shape, generator=generator)
-        out[key] = (total + noise) / expected_clients
-    return out
+    return {key: (value.to(torch.float32)
+                  + torch.normal(0.0, std, size=value.shape, generator=generator))
+            / expected_clients for key, value in total.items()}

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from fedmilm import protocol
 from fedmilm.clients import app as phone_app
+from fedmilm.clients.secure import secure_aggregation_mod
 
 FAULTS_ENV = "FEDMILM_TEST_FAULTS"        # JSON {device id: fault name}
 HONEST_DIR_ENV = "FEDMILM_TEST_HONEST_DIR"  # where honest updates are written for checking
@@ -72,3 +73,9 @@ app = ClientApp(mods=[_misbehave])
 app.query()(phone_app.identify)
 app.train()(phone_app.train)
 app.evaluate()(phone_app.evaluate)
+
+# The same phones behind Flower's SecAgg+ (the fault mod sits inside it, on our own layout).
+secure_app = ClientApp()
+secure_app.query()(phone_app.identify)
+secure_app.train(mods=[secure_aggregation_mod, _misbehave])(phone_app.train)
+secure_app.evaluate()(phone_app.evaluate)

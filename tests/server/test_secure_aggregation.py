@@ -1,0 +1,68 @@
+"""SecAgg+ (Flower's legacy workflow) inside a real simulated federation: the server's step is
+the mean of the phones' updates within quantisation error, also when a phone drops out, and it
+combines with user-level DP."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from fedmilm.adapters import build_adapter_space
+from fedmilm.privacy.calibrate import resolve_privacy
+from tests.conftest import tiny_config
+from tests.server import faulty_phones
+from tests.server.test_failures import _global, _rows, _run
+
+SECURE = ["personalization=none", "aggregation.secure=true", "aggregation.secagg_shares=3",
+          "aggregation.secagg_threshold=2", "federation.num_clients=4",
+          "federation.clients_per_round=4", "federation.min_replies=2", "train.lr=0.05",
+          "federation.round_timeout_s=120"]
+
+
+def test_secure_mean_matches_the_plain_mean_despite_a_dropout(tmp_path, monkeypatch):
+    cfg = tiny_config(*SECURE, "federation.rounds=1")
+    honest = tmp_path / "honest"
+    honest.mkdir()
+    monkeypatch.setattr(faulty_phones, "app", faulty_phones.secure_app)
+    _run(cfg, tmp_path / "run", {3: "crash"}, honest, monkeypatch)
+
+    [row] = _rows(tmp_path / "run")
+    assert row["clients"] == 3 and row["rejected"] == 1 and not row["skipped"]
+    space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=cfg.seed)
+    initial = space.initial_state(space.global_keys)
+    updates = [load_file(str(honest / f"round1_device{d}.safetensors")) for d in (0, 1, 2)]
+    after = _global(tmp_path / "run", 1)
+    agg = cfg.aggregation
+    step = 2 * agg.secagg_clip_range / agg.secagg_quant_range  # one quantisation level
+    moved, quantised = 0.0, 0.0
+    for key in space.global_keys:
+        plain = sum(u[key] for u in updates) / 3
+        torch.testing.assert_close(after[key] - initial[key], plain, rtol=0, atol=2 * step)
+        moved = max(moved, float(plain.abs().max()))
+        quantised = max(quantised, float((after[key] - initial[key] - plain).abs().max()))
+    assert moved > 100 * step  # the updates are far larger than the tolerance
+    assert quantised > step / 100  # SecAgg+'s stochastic quantisation really happened
+
+
+def test_secure_aggregation_combines_with_user_level_dp(tmp_path, monkeypatch):
+    cfg = resolve_privacy(tiny_config(
+        *SECURE, "federation.rounds=2", "privacy=user", "privacy.seeded_noise=true",
+        "privacy.user.noise_multiplier=0.5", "privacy.user.target_epsilon=null",
+        "privacy.user.clip_norm=0.05"))
+    honest = tmp_path / "honest"
+    honest.mkdir()
+    monkeypatch.setattr(faulty_phones, "app", faulty_phones.secure_app)
+    _run(cfg, tmp_path / "run", {}, honest, monkeypatch)
+
+    rows = _rows(tmp_path / "run")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients"] == 4 for r in rows)
+    assert 0 < rows[0]["epsilon_user"] < rows[1]["epsilon_user"]
+    for path in honest.iterdir():  # each phone clipped its update before masking
+        update = load_file(str(path))
+        norm = sum(float(v.pow(2).sum()) for v in update.values()) ** 0.5
+        assert norm <= 0.05 * (1 + 1e-4)
+    history = json.loads((tmp_path / "run" / "privacy_accountant.json").read_text())
+    assert sum(entry[2] for entry in history["history"]) == 2
