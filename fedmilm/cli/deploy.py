@@ -27,7 +27,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from fedmilm.cli.common import CONFIG_DIR, prepare_run, report_run, run_dir_and_config  # noqa: E402
 from fedmilm.config import FedMilmConfig  # noqa: E402
-from fedmilm.deploy.local import LocalFederation  # noqa: E402
+from fedmilm.deploy.local import LocalFederation, remote_cli  # noqa: E402
 
 log = logging.getLogger("fedmilm")
 
@@ -44,12 +44,27 @@ def deploy(cfg: FedMilmConfig, run_dir: Path) -> None:
     """Run one deployed federation whose outputs go to `run_dir`."""
     prepare_run(cfg, run_dir)
     started = time.perf_counter()
+    if cfg.deploy.connect:
+        _submit_to_existing(cfg, run_dir, started)
+        return
     with LocalFederation(cfg, run_dir) as federation:
         code = federation.submit_and_stream()
         if code != 0:
             raise RuntimeError(f"flwr run exited with code {code}; process logs in "
                                f"{federation.layout.logs}\n{federation.failure_context()}")
     report_run(cfg, run_dir, started)
+
+
+def _submit_to_existing(cfg: FedMilmConfig, run_dir: Path, started: float) -> None:
+    """`deploy.connect`: the SuperLink and SuperNodes run elsewhere; only submit and stream."""
+    server_dir = Path(cfg.deploy.server_run_dir) if cfg.deploy.server_run_dir else run_dir
+    code = remote_cli(cfg, run_dir).submit_and_stream(cfg, server_dir)
+    if code != 0:
+        raise RuntimeError(f"flwr run exited with code {code}; see {run_dir}/deploy/logs")
+    if server_dir == run_dir:
+        report_run(cfg, run_dir, started)
+    else:
+        log.info("run finished; its outputs are in %s on the SuperLink's host", server_dir)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")

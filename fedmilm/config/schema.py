@@ -168,6 +168,8 @@ class DeployConfig:
     port: int | None = None
     credentials_dir: str | None = None
     startup_timeout_s: float = MISSING
+    connect: str | None = None          # host:port of an existing SuperLink: submit only
+    server_run_dir: str | None = None   # with connect: the run directory on the server's host
 
 
 @dataclass

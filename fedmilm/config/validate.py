@@ -183,11 +183,23 @@ def _check_aggregation(cfg: FedMilmConfig, problems: list[str]) -> None:
         _positive(problems, "aggregation.secagg_quant_range", agg.secagg_quant_range)
 
 
+def _check_deploy(cfg: FedMilmConfig, problems: list[str]) -> None:
+    deploy = cfg.deploy
+    if deploy.port is not None and not 0 < deploy.port < 65536:
+        problems.append(f"deploy.port={deploy.port} must be in [1, 65535] or null (a free one)")
+    if deploy.connect and not deploy.insecure and not deploy.credentials_dir:
+        problems.append(f"deploy.connect={deploy.connect} needs deploy.credentials_dir (the "
+                        "folder holding the SuperLink's ca.crt), or deploy.insecure=true")
+    if deploy.server_run_dir and not deploy.connect:
+        problems.append("deploy.server_run_dir only applies with deploy.connect=HOST:PORT")
+    _positive(problems, "deploy.startup_timeout_s", deploy.startup_timeout_s)
+
+
 def validate_config(cfg: FedMilmConfig) -> None:
     """Raise `ConfigError` listing every invalid value, each with its key and the fix."""
     problems: list[str] = []
     for check in (_check_model, _check_lora, _check_data, _check_train, _check_federation,
-                  _check_privacy, _check_aggregation):
+                  _check_privacy, _check_aggregation, _check_deploy):
         check(cfg, problems)
     if problems:
         raise ConfigError(problems)

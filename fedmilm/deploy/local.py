@@ -66,19 +66,82 @@ def node_config(index: int, num_nodes: int, device_dir: Path) -> str:
             f"{protocol.DEVICE_DIR}='{device_dir}'")
 
 
-def cli_config(address: str, creds: Credentials | None) -> str:
-    """The flwr CLI's `config.toml` naming our SuperLink connection."""
+def cli_config(address: str, ca_cert: Path | None) -> str:
+    """The flwr CLI's `config.toml` naming our SuperLink connection (None: insecure)."""
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
              f'address = "{address}"']
-    lines.append("insecure = true" if creds is None
-                 else f"root-certificates = {json.dumps(str(creds.ca_cert))}")
+    lines.append("insecure = true" if ca_cert is None
+                 else f"root-certificates = {json.dumps(str(ca_cert))}")
     return "\n".join(lines) + "\n"
+
+
+def remote_cli(cfg: FedMilmConfig, run_dir: Path) -> FlwrCli:
+    """The flwr CLI for an existing SuperLink (`deploy.connect`), e.g. on another host or in
+    the Docker compose federation; TLS with the CA in `deploy.credentials_dir`."""
+    ca_cert = None
+    if not cfg.deploy.insecure:
+        ca_cert = Path(str(cfg.deploy.credentials_dir)).expanduser() / "ca.crt"
+        if not ca_cert.is_file():
+            raise FileNotFoundError(f"{ca_cert} not found: deploy.credentials_dir must hold the "
+                                    "SuperLink's CA certificate (ca.crt)")
+    else:
+        log.warning("deploy.insecure=true: talking to %s without TLS", cfg.deploy.connect)
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
+    return FlwrCli(Layout(run_dir), str(cfg.deploy.connect), ca_cert, env)
 
 
 def run_config_toml(cfg: FedMilmConfig, run_dir: Path) -> str:
     """The run config file for `flwr run --run-config` (JSON strings are valid TOML)."""
     return (f"{protocol.RUN_CONFIG} = {json.dumps(to_yaml(cfg))}\n"
             f"{protocol.RUN_DIR} = {json.dumps(str(run_dir))}\n")
+
+
+class FlwrCli:
+    """The flwr CLI pointed at one SuperLink: register keys, submit a run and stream its log."""
+
+    def __init__(self, layout: Layout, address: str, ca_cert: Path | None,
+                 env: dict[str, str]) -> None:
+        self.layout, self.address = layout, address
+        self.home = layout.flwr_home("cli")
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(cli_config(address, ca_cert))
+        self.env = {**env, "FLWR_HOME": str(self.home)}
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the flwr CLI against our SuperLink connection."""
+        return subprocess.run([_tool("flwr"), *args], capture_output=True, text=True,
+                              env=self.env, timeout=timeout)
+
+    def register(self, public_key: Path) -> None:
+        """Register a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
+        done = self.flwr("supernode", "register", str(public_key), CONNECTION)
+        if done.returncode != 0:
+            raise RuntimeError(f"registering {public_key.name} failed:\n{done.stdout}"
+                               f"{done.stderr}")
+
+    def submit_and_stream(self, cfg: FedMilmConfig, server_run_dir: Path, *,
+                          echo: bool = True) -> int:
+        """Submit the run with `flwr run --stream`, echo its log until it ends; exit code.
+        `server_run_dir` is where the ServerApp writes, on the SuperLink's host."""
+        self.layout.logs.mkdir(parents=True, exist_ok=True)
+        run_config = self.layout.root / "run_config.toml"
+        run_config.write_text(run_config_toml(cfg, server_run_dir))
+        argv = [_tool("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config",
+                str(run_config), "--stream"]
+        with open(self.layout.logs / "run.log", "w", encoding="utf-8") as out:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=self.env, start_new_session=True)
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    out.write(line)
+                    if echo:
+                        print(line, end="", flush=True)
+                return proc.wait()
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=10)
 
 
 class LocalFederation:
@@ -118,13 +181,13 @@ class LocalFederation:
                         "who reaches %s can join or read the federation", self.address)
         else:
             self.creds = self._credentials()
-        home = self.layout.flwr_home("cli")
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(cli_config(self.address, self.creds))
+        self.cli = FlwrCli(self.layout, self.address,
+                           None if self.creds is None else self.creds.ca_cert,
+                           self.processes.env)
         self._start_superlink()
         for index in range(n):
             if self.creds is not None:
-                self.register(self.creds.node_public_key(index))
+                self.cli.register(self.creds.node_public_key(index))
             self.start_supernode(index)
         log.info("local federation up: SuperLink %s (%s), %d SuperNodes", self.address,
                  "insecure" if self.creds is None else "TLS + SuperNode auth", n)
@@ -141,19 +204,6 @@ class LocalFederation:
         child = self.processes.start("superlink", argv, extra_env={
             "FLWR_HOME": str(self.layout.flwr_home("superlink"))})
         wait_for_port(child, self.host, self.port, self.cfg.deploy.startup_timeout_s)
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """Run the flwr CLI against our SuperLink connection."""
-        env = {**self.processes.env, "FLWR_HOME": str(self.layout.flwr_home("cli"))}
-        return subprocess.run([_tool("flwr"), *args], capture_output=True, text=True,
-                              env=env, timeout=timeout)
-
-    def register(self, public_key: Path) -> None:
-        """Register a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
-        done = self.flwr("supernode", "register", str(public_key), CONNECTION)
-        if done.returncode != 0:
-            raise RuntimeError(f"registering {public_key.name} failed:\n{done.stdout}"
-                               f"{done.stderr}")
 
     def start_supernode(self, index: int, *, private_key: Path | None = None,
                         name: str | None = None) -> subprocess.Popen:
@@ -178,26 +228,8 @@ class LocalFederation:
 
     # ---- the run
     def submit_and_stream(self, *, echo: bool = True) -> int:
-        """Submit the run with `flwr run --stream`, echo its log until it ends; exit code."""
-        run_config = self.layout.root / "run_config.toml"
-        run_config.write_text(run_config_toml(self.cfg, self.layout.run_dir))
-        env = {**self.processes.env, "FLWR_HOME": str(self.layout.flwr_home("cli"))}
-        argv = [_tool("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config",
-                str(run_config), "--stream"]
-        with open(self.layout.logs / "run.log", "w", encoding="utf-8") as out:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env=env, start_new_session=True)
-            try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    out.write(line)
-                    if echo:
-                        print(line, end="", flush=True)
-                return proc.wait()
-            finally:
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait(timeout=10)
+        """Submit this config's run and stream it; the ServerApp writes the run directory."""
+        return self.cli.submit_and_stream(self.cfg, self.layout.run_dir, echo=echo)
 
     def failure_context(self) -> str:
         """Log tails of every process, for an error message."""

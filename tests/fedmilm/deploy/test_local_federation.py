@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import signal
 import ssl
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from fedmilm.config import to_yaml
 from fedmilm.deploy.credentials import create_credentials
-from fedmilm.deploy.local import LocalFederation, cli_config, node_config
+from fedmilm.deploy.local import LocalFederation, cli_config, node_config, remote_cli
 from fedmilm.deploy.processes import log_tail
 from tests.conftest import tiny_config
 
@@ -61,8 +62,11 @@ def test_tls_authenticated_federation_runs_and_refuses_strangers(tmp_path):
             urllib.request.urlopen(f"https://{host}:{port}/health", timeout=5, context=context)
         except urllib.error.HTTPError as err:  # any HTTP status proves the TLS handshake
             assert err.code < 600
-        # the registered phones train two rounds to completion
-        code = federation.submit_and_stream(echo=False)
+        # the registered phones train two rounds to completion; the run is submitted the way
+        # a user submits to a SuperLink that runs elsewhere (deploy.connect)
+        remote = replace(cfg, deploy=replace(cfg.deploy, connect=federation.address,
+                                             credentials_dir=str(federation.creds.folder)))
+        code = remote_cli(remote, run_dir).submit_and_stream(remote, run_dir, echo=False)
         assert code == 0, federation.failure_context()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
@@ -105,7 +109,7 @@ def test_insecure_mode_must_be_asked_for_and_configs_are_well_formed(tmp_path):
     cfg = tiny_config(*SMALL)
     assert cfg.deploy.insecure is False  # TLS + node auth by default
     creds = create_credentials(tmp_path / "c", num_nodes=1)
-    secure = cli_config("127.0.0.1:9000", creds)
+    secure = cli_config("127.0.0.1:9000", creds.ca_cert)
     assert "insecure =" not in secure and str(creds.ca_cert) in secure
     assert "insecure = true" in cli_config("127.0.0.1:9000", None)
     assert node_config(3, 8, Path("/data/p3")) == ("partition-id=3 num-partitions=8 "
