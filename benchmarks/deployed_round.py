@@ -43,6 +43,11 @@ def run(kind: str, overrides: list[str], run_dir: Path) -> tuple[float, list[dic
     return wall, rows
 
 
+def _row(label: str, r: dict) -> str:
+    return (f"| {label} | {r['round_s']:.1f} | {r['wall']:.0f} | {r['up']:,.0f} | "
+            f"{r['down']:,.0f} | {r['loss']:.3f} |")
+
+
 def main() -> None:
     overrides = [*DEFAULTS, *sys.argv[1:]]
     results = {}
@@ -65,10 +70,11 @@ def main() -> None:
 (config: {' '.join(overrides)}; {machine()}). One run each, back to back on this machine.
 Round time = training of the sampled phones + evaluation of every phone, median over rounds.
 
-| engine | s per round (median) | whole command (s) | bytes up per client | bytes down per client | held-out loss global, last round |
+| engine | s per round (median) | whole command (s) | bytes up per client \
+| bytes down per client | held-out loss global, last round |
 |---|---|---|---|---|---|
-| simulation (Ray, model cached per worker) | {sim['round_s']:.1f} | {sim['wall']:.0f} | {sim['up']:,.0f} | {sim['down']:,.0f} | {sim['loss']:.3f} |
-| deployment (SuperLink + SuperNodes, TLS + auth) | {dep['round_s']:.1f} | {dep['wall']:.0f} | {dep['up']:,.0f} | {dep['down']:,.0f} | {dep['loss']:.3f} |
+{_row("simulation (Ray, model cached per worker)", sim)}
+{_row("deployment (SuperLink + SuperNodes, TLS + auth)", dep)}
 
 Deployment/simulation time per round: {dep['round_s'] / sim['round_s']:.2f}x. The deployment
 engine starts a new ClientApp process (Python, torch, model load) for every train and evaluate
