@@ -13,9 +13,11 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmilm import protocol
+from fedmilm.clients.conditions import read_conditions
 from fedmilm.clients.phone import phone_for
 from fedmilm.clients.privacy import LEDGER_FILE, dp_sgd_for, open_ledger
 from fedmilm.clients.secure import secure_aggregation_mod
+from fedmilm.devices import policy_of
 from fedmilm.privacy import BudgetExceeded, PrivacyLedger
 from fedmilm.runtime import quiet_offline_env
 from fedmilm.training import evaluate_phone, train_phone
@@ -25,9 +27,11 @@ log = logging.getLogger("fedmilm.client")
 app = ClientApp()
 
 
-def _declined(msg: Message, ledger: PrivacyLedger) -> Message:
-    metrics = MetricRecord({protocol.DECLINED: 1, protocol.EPSILON_SAMPLE: ledger.epsilon})
-    return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+def _declined(msg: Message, code: int, ledger: PrivacyLedger | None = None) -> Message:
+    values: dict[str, int | float] = {protocol.DECLINED: code}
+    if ledger is not None:
+        values[protocol.EPSILON_SAMPLE] = ledger.epsilon
+    return Message(content=RecordDict({protocol.METRICS: MetricRecord(values)}), reply_to=msg)
 
 
 @app.query()
@@ -43,6 +47,11 @@ def identify(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train on the phone's private data; reply with the update of the global part."""
     phone = phone_for(msg, context)
+    if phone.cfg.device.check_conditions:
+        refusal = policy_of(phone.cfg.device).refusal(read_conditions())
+        if refusal is not None:
+            log.info("phone declines to train: %s", refusal)
+            return _declined(msg, protocol.DECLINED_CONDITIONS)
     cfg, space, (examples, _) = phone.cfg, phone.space, phone.examples()
     ledger, dp = None, None
     if cfg.privacy.sample_level:
@@ -51,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
             dp = dp_sgd_for(cfg, ledger, len(examples))
         except BudgetExceeded as err:
             log.info("phone declines to train: %s", err)
-            return _declined(msg, ledger)
+            return _declined(msg, protocol.DECLINED_BUDGET, ledger)
     received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
     outcome = train_phone(space, global_state=received,
                           personal_state=phone.storage.load_personal(space),

@@ -26,7 +26,9 @@ LOSS_GLOBAL = "loss-global"
 LOSS_PERSONAL = "loss-personal"   # absent when the mode has no personal part
 EPSILON_SAMPLE = "epsilon-sample" # the phone's cumulative DP-SGD epsilon (sample-level DP only)
 DEVICE_ID = "device-id"           # query reply: the phone's stable pseudonym (its partition id)
-DECLINED = "declined"             # 1: the phone declined to train (its privacy budget is spent)
+DECLINED = "declined"             # the phone declined to train, with one of these codes:
+DECLINED_BUDGET = 1               #   its DP-SGD privacy budget is spent
+DECLINED_CONDITIONS = 2           #   its device policy says no (not charging, metered, hot, ...)
 
 # node_config keys
 PARTITION_ID = "partition-id"     # set by Flower's simulation engine; the phone's user index

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from fedmilm.adapters import AdapterSpace, State, cached_adapter_space, save_global_adapter
 from fedmilm.aggregation import Aggregator, apply_update, create_aggregator
 from fedmilm.config import FedMilmConfig, to_yaml
+from fedmilm.devices import availability_for, policy_of
 from fedmilm.metrics import (
     ClientEval,
     RoundRecord,
@@ -216,6 +217,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
                                timeout=fed.round_timeout_s)
     state.devices = devices
     node_of = {device: node for node, device in devices.items()}
+    trace, policy = availability_for(cfg), policy_of(cfg.device)
     population = sorted(node_of)  # sampling is over device ids: stable across restarts
     metrics_path = run_dir / "metrics.jsonl"
     _warn_risky(cfg)
@@ -230,7 +232,9 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
             break
         started = time.perf_counter()
         # ---- train: sample, send the global part, collect and validate updates
-        cohort = [node_of[d] for d in aggregator.cohort(population, state.sampler)]
+        eligible = population if trace is None else trace.available(
+            population, server_round, policy, cfg.device.slots_per_round)
+        cohort = [node_of[d] for d in aggregator.cohort(eligible, state.sampler)]
         outcome = (_train_secure(grid, cohort, state, server_round, aggregator, cfg, run_dir)
                    if cfg.aggregation.secure else
                    _train_plain(grid, cohort, state, server_round, aggregator, cfg, run_dir))
@@ -252,6 +256,8 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
         record = _round_record(server_round, cohort=cohort, outcome=outcome, evals=evals,
                                bytes_down=bytes_down, started=started, aggregator=aggregator,
                                epsilon_sample=state.epsilon_sample, cfg=cfg)
+        if trace is not None:
+            record = replace(record, available=len(eligible))
         append_record(metrics_path, record)
         accountant = aggregator.accountant_state()
         if accountant is not None:

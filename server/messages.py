@@ -130,8 +130,10 @@ def collect_updates(replies: list[Message], reference: State, *, max_norm: float
         metrics = reply.content.metric_records.get(protocol.METRICS)
         if metrics is not None and protocol.EPSILON_SAMPLE in metrics:
             out.epsilon_sample[device] = float(metrics[protocol.EPSILON_SAMPLE])
-        if metrics is not None and metrics.get(protocol.DECLINED) == 1:
-            log.info("device %d declined to train: its DP-SGD budget is spent", device)
+        if metrics is not None and protocol.DECLINED in metrics:
+            why = ("its device policy says no" if metrics[protocol.DECLINED] ==
+                   protocol.DECLINED_CONDITIONS else "its DP-SGD budget is spent")
+            log.info("device %d declined to train: %s", device, why)
             out.declined += 1
             continue
         parsed = _parse_update(reply, reference, max_norm, device)

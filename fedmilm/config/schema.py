@@ -160,6 +160,21 @@ class AggregationConfig:
 
 
 @dataclass
+class DeviceConfig:
+    """When a phone may train, and simulated availability (see `conf/device/`)."""
+
+    check_conditions: bool = MISSING
+    require_charging: bool = MISSING
+    min_battery_percent: float = MISSING
+    require_unmetered: bool = MISSING
+    max_temperature_c: float = MISSING
+    allow_unknown: bool = MISSING
+    availability: str = MISSING       # always | synthetic | trace
+    availability_path: str | None = None
+    slots_per_round: int = MISSING
+
+
+@dataclass
 class DeployConfig:
     """`fedmilm-deploy`: the local SuperLink and SuperNodes (see `conf/deploy/`)."""
 
@@ -168,6 +183,7 @@ class DeployConfig:
     port: int | None = None
     credentials_dir: str | None = None
     startup_timeout_s: float = MISSING
+    threads_per_phone: int | None = None  # CPU threads per local phone; None = cores / cohort
     connect: str | None = None          # host:port of an existing SuperLink: submit only
     server_run_dir: str | None = None   # with connect: the run directory on the server's host
 
@@ -185,6 +201,7 @@ class FedMilmConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     seed: int = MISSING
     resume: str | None = None        # a run directory to continue from its last checkpoint

@@ -14,6 +14,7 @@ PRIVACY_MODES = ("none", "sample", "user", "both")
 ACCOUNTANT_NAMES = ("prv", "rdp")
 DTYPES = ("float32", "bfloat16")
 AGGREGATION_METHODS = ("fedavg", "trimmed_mean", "median", "krum")
+AVAILABILITY = ("always", "synthetic", "trace")
 
 
 class ConfigError(ValueError):
@@ -193,13 +194,30 @@ def _check_deploy(cfg: FedMilmConfig, problems: list[str]) -> None:
     if deploy.server_run_dir and not deploy.connect:
         problems.append("deploy.server_run_dir only applies with deploy.connect=HOST:PORT")
     _positive(problems, "deploy.startup_timeout_s", deploy.startup_timeout_s)
+    if deploy.threads_per_phone is not None:
+        _positive(problems, "deploy.threads_per_phone", deploy.threads_per_phone)
+
+
+def _check_device(cfg: FedMilmConfig, problems: list[str]) -> None:
+    device = cfg.device
+    _choice(problems, "device.availability", device.availability, AVAILABILITY)
+    if not 0 <= device.min_battery_percent <= 100:
+        problems.append(f"device.min_battery_percent={device.min_battery_percent} must be in "
+                        "[0, 100]")
+    _positive(problems, "device.slots_per_round", device.slots_per_round)
+    if device.availability == "trace":
+        if not device.availability_path:
+            problems.append("device.availability=trace needs device.availability_path=CSV")
+        elif not Path(device.availability_path).expanduser().is_file():
+            problems.append(f"device.availability_path={device.availability_path!r} is not a "
+                            "file")
 
 
 def validate_config(cfg: FedMilmConfig) -> None:
     """Raise `ConfigError` listing every invalid value, each with its key and the fix."""
     problems: list[str] = []
     for check in (_check_model, _check_lora, _check_data, _check_train, _check_federation,
-                  _check_privacy, _check_aggregation, _check_deploy):
+                  _check_privacy, _check_aggregation, _check_deploy, _check_device):
         check(cfg, problems)
     if problems:
         raise ConfigError(problems)

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmilm.config.schema import FedMilmConfig
 from fedmilm.devices.conditions import Conditions, DevicePolicy
 
 COLUMNS = ("device", "slot", "idle", "charging", "unmetered", "battery_percent",
@@ -116,3 +117,12 @@ def synthetic_trace(num_devices: int, *, seed: int, num_slots: int = 24) -> Avai
                                       temperature_c=30.0 + 8.0 * rng.random(),
                                       source="synthetic"))
     return AvailabilityTrace(slots, num_slots=num_slots)
+
+
+def availability_for(cfg: FedMilmConfig) -> AvailabilityTrace | None:
+    """The run's trace (`device.availability`), or None when every phone is always available."""
+    if cfg.device.availability == "synthetic":
+        return synthetic_trace(cfg.federation.num_clients, seed=cfg.seed)
+    if cfg.device.availability == "trace":
+        return load_trace(Path(str(cfg.device.availability_path)).expanduser())
+    return None

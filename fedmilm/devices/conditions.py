@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedmilm.config.schema import DeviceConfig
+
 
 @dataclass(frozen=True)
 class Conditions:
@@ -49,3 +51,12 @@ class DevicePolicy:
             if ok is None and not self.allow_unknown:
                 return f"unknown whether {reason.replace('not ', '')}"
         return None
+
+
+def policy_of(device: DeviceConfig) -> DevicePolicy:
+    """The policy the `device.*` config keys describe."""
+    return DevicePolicy(require_charging=device.require_charging,
+                        min_battery_percent=device.min_battery_percent,
+                        require_unmetered=device.require_unmetered,
+                        max_temperature_c=device.max_temperature_c,
+                        allow_unknown=device.allow_unknown)

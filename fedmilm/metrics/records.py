@@ -41,6 +41,7 @@ class RoundRecord:
     delta: float | None = None
     accountant: str | None = None  # which accountant produced the epsilons
     skipped: bool = False          # too few valid replies: the global adapter did not change
+    available: int | None = None   # phones the availability trace allowed to be sampled
     per_client: list[ClientEval] = field(default_factory=list)
 
 
@@ -73,6 +74,8 @@ def format_progress(record: RoundRecord, total_rounds: int) -> str:
         privacy = (f" | eps user {fmt(record.epsilon_user)} sample-max "
                    f"{fmt(record.epsilon_sample_max)}")
     skipped = " SKIPPED (adapter unchanged)" if record.skipped else ""
+    if record.available is not None:
+        skipped += f" | available {record.available}"
     return (f"round {record.round:>3}/{total_rounds}{skipped} | clients "
             f"{record.clients}/{record.sampled}"
             f" (rejected {record.rejected}, declined {record.declined}) | train "

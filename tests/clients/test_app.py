@@ -113,3 +113,21 @@ def test_sample_level_ledger_composes_and_the_phone_declines_past_its_budget(tmp
     metrics = second.content.metric_records[protocol.METRICS]
     assert metrics[protocol.DECLINED] == 1 and not second.content.array_records
     assert metrics[protocol.EPSILON_SAMPLE] == pytest.approx(eps)  # nothing more was spent
+
+
+def test_phone_declines_when_its_device_policy_says_no(tmp_path, monkeypatch):
+    from fedmilm.clients import app as phone_app
+    from fedmilm.devices import Conditions
+
+    unplugged = Conditions(battery_percent=90, charging=False, temperature_c=30, unmetered=True)
+    monkeypatch.setattr(phone_app, "read_conditions", lambda: unplugged)
+    reply = _call(tiny_config("device.check_conditions=true"), MessageType.TRAIN, tmp_path)
+    assert not reply.content.array_records  # nothing trained, nothing sent
+    metrics = reply.content.metric_records[protocol.METRICS]
+    assert metrics[protocol.DECLINED] == protocol.DECLINED_CONDITIONS
+    assert not (tmp_path / "devices" / "0" / PERSONAL_FILE).exists()
+
+    plugged = Conditions(battery_percent=90, charging=True, temperature_c=30, unmetered=True)
+    monkeypatch.setattr(phone_app, "read_conditions", lambda: plugged)
+    reply = _call(tiny_config("device.check_conditions=true"), MessageType.TRAIN, tmp_path)
+    assert list(reply.content.array_records) == [protocol.UPDATE_ARRAYS]

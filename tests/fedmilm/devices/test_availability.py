@@ -59,3 +59,19 @@ def test_synthetic_trace_is_seeded_and_diurnal():
     night = len(a.available(devices, 4, policy))   # slot 3: 03:00
     day = len(a.available(devices, 15, policy))    # slot 14: 14:00
     assert night > 0.5 * 200 and day < 0.1 * 200
+
+
+def test_config_picks_the_trace_and_the_policy(tmp_path):
+    from fedmilm.config import ConfigError
+    from fedmilm.devices import availability_for, policy_of
+    from tests.conftest import tiny_config
+
+    assert availability_for(tiny_config()) is None
+    synthetic = availability_for(tiny_config("device.availability=synthetic"))
+    assert synthetic is not None and synthetic.num_slots == 24
+    cfg = tiny_config("device.min_battery_percent=70", "device.allow_unknown=true")
+    assert policy_of(cfg.device) == DevicePolicy(min_battery_percent=70, allow_unknown=True)
+    with pytest.raises(ConfigError, match="device.availability_path"):
+        tiny_config("device.availability=trace")
+    with pytest.raises(ConfigError, match="device.availability='weekly'"):
+        tiny_config("device.availability=weekly")
