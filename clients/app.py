@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmilm import protocol
+from fedmilm.adapters.hetero import pad, truncate
 from fedmilm.clients.conditions import read_conditions
 from fedmilm.clients.phone import phone_for
 from fedmilm.clients.privacy import LEDGER_FILE, dp_sgd_for, open_ledger
@@ -61,7 +62,8 @@ def train(msg: Message, context: Context) -> Message:
         except BudgetExceeded as err:
             log.info("phone declines to train: %s", err)
             return _declined(msg, protocol.DECLINED_BUDGET, ledger)
-    received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
+    full = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
+    received = full if phone.rank is None else truncate(full, phone.rank)
     outcome = train_phone(space, global_state=received,
                           personal_state=phone.storage.load_personal(space),
                           examples=examples, train=cfg.train, seed=phone.task_seed, dp=dp,
@@ -78,7 +80,11 @@ def train(msg: Message, context: Context) -> Message:
         protocol.TRAIN_SECONDS: float(stats.seconds),
         **({protocol.EPSILON_SAMPLE: ledger.epsilon} if ledger is not None else {}),
     })
-    content = RecordDict({protocol.UPDATE_ARRAYS: ArrayRecord(outcome.update),
+    update = outcome.update
+    if phone.rank is not None:  # zero-padded back to the server's rank
+        update = pad(update, full)
+        metrics[protocol.LORA_RANK] = phone.rank
+    content = RecordDict({protocol.UPDATE_ARRAYS: ArrayRecord(update),
                           protocol.METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
@@ -89,6 +95,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     phone = phone_for(msg, context)
     space, (_, heldout) = phone.space, phone.examples()
     received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
+    if phone.rank is not None:
+        received = truncate(received, phone.rank)
     outcome = evaluate_phone(space, global_state=received,
                              personal_state=phone.storage.load_personal(space),
                              examples=heldout, batch_size=phone.cfg.train.eval_batch_size,
@@ -98,5 +106,7 @@ def evaluate(msg: Message, context: Context) -> Message:
               protocol.LOSS_GLOBAL: outcome.loss_global}
     if outcome.loss_personal is not None:
         values[protocol.LOSS_PERSONAL] = outcome.loss_personal
+    if phone.rank is not None:
+        values[protocol.LORA_RANK] = phone.rank
     content = RecordDict({protocol.METRICS: MetricRecord(values)})
     return Message(content=content, reply_to=msg)

@@ -15,9 +15,11 @@ from omegaconf import OmegaConf
 
 from fedmilm import protocol
 from fedmilm.adapters import AdapterSpace, cached_adapter_space
+from fedmilm.adapters.hetero import lora_for_rank, tier_of
 from fedmilm.clients.storage import DeviceStorage
 from fedmilm.config import FedMilmConfig, load_config
 from fedmilm.data import Example, encode_all, load_user
+from fedmilm.model import load_tokenizer
 
 
 @lru_cache(maxsize=8)
@@ -25,15 +27,15 @@ def _config(text: str) -> FedMilmConfig:
     return load_config(OmegaConf.create(text))
 
 
-def _space(cfg: FedMilmConfig) -> AdapterSpace:
-    return cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
-                                seed=cfg.seed)
+def _space(cfg: FedMilmConfig, rank: int | None = None) -> AdapterSpace:
+    lora = cfg.lora if rank is None else lora_for_rank(cfg.lora, rank)
+    return cached_adapter_space(cfg.model, lora, mode=cfg.personalization.mode, seed=cfg.seed)
 
 
 @lru_cache(maxsize=1024)
 def _examples(config_text: str, user: int) -> tuple[list[Example], list[Example]]:
     cfg = _config(config_text)
-    tokenizer, max_length = _space(cfg).tokenizer, cfg.data.max_length
+    tokenizer, max_length = load_tokenizer(cfg.model), cfg.data.max_length
     data = load_user(cfg.data, user=user, seed=cfg.seed)
     return (encode_all(tokenizer, data.train, max_length),
             encode_all(tokenizer, data.heldout, max_length))
@@ -51,6 +53,7 @@ class Phone:
     user: int
     storage: DeviceStorage
     server_round: int
+    rank: int | None = None  # heterogeneous ranks: this phone's tier rank (None: lora.r)
 
     @property
     def cfg(self) -> FedMilmConfig:
@@ -58,7 +61,7 @@ class Phone:
 
     @property
     def space(self) -> AdapterSpace:
-        return _space(self.cfg)
+        return _space(self.cfg, self.rank)
 
     def examples(self) -> tuple[list[Example], list[Example]]:
         """(train, held-out) examples of this phone's user, tokenised once per process."""
@@ -86,5 +89,10 @@ def phone_for(msg: Message, context: Context) -> Phone:
         folder = Path(str(context.node_config[protocol.DEVICE_DIR]))
     else:
         folder = Path(str(config[protocol.STORAGE_ROOT])) / str(user)
-    return Phone(config_text=str(config[protocol.RUN_CONFIG]), user=user,
-                 storage=DeviceStorage(folder), server_round=int(config[protocol.SERVER_ROUND]))
+    config_text = str(config[protocol.RUN_CONFIG])
+    tiers = _config(config_text).lora.rank_by_tier
+    declared = context.node_config.get(protocol.DEVICE_TIER)
+    tier = tier_of(user, tiers, None if declared is None else str(declared))
+    return Phone(config_text=config_text, user=user, storage=DeviceStorage(folder),
+                 server_round=int(config[protocol.SERVER_ROUND]),
+                 rank=None if tier is None else tiers[tier])

@@ -25,6 +25,7 @@ LOSS_BASE = "loss-base"
 LOSS_GLOBAL = "loss-global"
 LOSS_PERSONAL = "loss-personal"   # absent when the mode has no personal part
 EPSILON_SAMPLE = "epsilon-sample" # the phone's cumulative DP-SGD epsilon (sample-level DP only)
+LORA_RANK = "lora-rank"           # heterogeneous ranks: the rank the phone trained/evaluated at
 DEVICE_ID = "device-id"           # query reply: the phone's stable pseudonym (its partition id)
 DECLINED = "declined"             # the phone declined to train, with one of these codes:
 DECLINED_BUDGET = 1               #   its DP-SGD privacy budget is spent
@@ -33,3 +34,4 @@ DECLINED_CONDITIONS = 2           #   its device policy says no (not charging, m
 # node_config keys
 PARTITION_ID = "partition-id"     # set by Flower's simulation engine; the phone's user index
 DEVICE_DIR = "device-dir"         # deployment: the phone's own storage folder
+DEVICE_TIER = "device-tier"       # deployment: the phone's tier in lora.rank_by_tier

@@ -21,6 +21,7 @@ from fedmilm.metrics import (
     RoundRecord,
     append_record,
     format_progress,
+    losses_by_rank,
     mean_or_none,
     plot_clients,
     plot_losses,
@@ -101,7 +102,7 @@ def _round_record(server_round: int, *, cohort: list[int], outcome: TrainOutcome
         epsilon_sample_max=max(epsilon_sample.values()) if epsilon_sample else None,
         delta=cfg.privacy.delta if dp else None,
         accountant=cfg.privacy.accountant if dp else None,
-        per_client=evals, skipped=skipped,
+        per_client=evals, skipped=skipped, loss_by_rank=losses_by_rank(evals),
     )
 
 
@@ -148,8 +149,9 @@ def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round
     sorted_replies.rejected += missing
     state.epsilon_sample.update(sorted_replies.epsilon_sample)
     accepted = sorted_replies.accepted
+    ranks = [u.rank or cfg.lora.r for u in accepted] if cfg.lora.rank_by_tier else None
     step = aggregator.aggregate([u.update for u in accepted], [u.num_examples for u in accepted],
-                                state.global_state)
+                                state.global_state, ranks=ranks)
     return TrainOutcome(step=step, replies=sorted_replies, contributors=len(accepted),
                         bytes_up=sum(u.nbytes for u in accepted))
 

@@ -26,6 +26,7 @@ class ClientUpdate:
     tokens: int
     seconds: float
     nbytes: int
+    rank: int | None = None  # heterogeneous ranks: the rank the phone trained
 
 
 @dataclass
@@ -108,7 +109,9 @@ def _parse_update(reply: Message, reference: State, max_norm: float,
                         train_loss=float(metrics.get(protocol.TRAIN_LOSS, float("nan"))),
                         tokens=int(metrics.get(protocol.TRAIN_TOKENS, 0)),
                         seconds=float(metrics.get(protocol.TRAIN_SECONDS, 0.0)),
-                        nbytes=arrays.count_bytes())
+                        nbytes=arrays.count_bytes(),
+                        rank=int(metrics[protocol.LORA_RANK]) if protocol.LORA_RANK in metrics
+                        else None)
 
 
 def collect_updates(replies: list[Message], reference: State, *, max_norm: float,
@@ -157,7 +160,9 @@ def collect_evals(replies: list[Message], devices: dict[int, int]) -> list[Clien
             continue
         m = reply.content.metric_records[protocol.METRICS]
         personal = m.get(protocol.LOSS_PERSONAL)
-        evals.append(ClientEval(device=devices[node], loss_base=float(m[protocol.LOSS_BASE]),
+        rank = int(m[protocol.LORA_RANK]) if protocol.LORA_RANK in m else None
+        evals.append(ClientEval(device=devices[node], rank=rank,
+                                loss_base=float(m[protocol.LOSS_BASE]),
                                 loss_global=float(m[protocol.LOSS_GLOBAL]),
                                 loss_personal=None if personal is None else float(personal)))
     return sorted(evals, key=lambda e: e.device)

@@ -127,7 +127,7 @@ def build_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: s
     )
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=3)
 def _cached(key: str) -> AdapterSpace:
     spec = json.loads(key)
     model = spec["model"]
@@ -140,7 +140,8 @@ def _cached(key: str) -> AdapterSpace:
 def cached_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: str,
                          seed: int) -> AdapterSpace:
     """The per-process space: the base model is loaded once and reused by every client this
-    process serves (one entry: a different setup replaces it rather than doubling memory)."""
+    process serves. Up to three setups are kept (the tiers of `lora.rank_by_tier`, each its
+    own model copy); a fourth replaces the least recently used."""
     key = json.dumps({"model": asdict(model_cfg), "lora": asdict(lora_cfg), "mode": mode,
                       "seed": seed}, sort_keys=True)
     return _cached(key)

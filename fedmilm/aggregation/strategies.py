@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedmilm.adapters.hetero import hetero_mean
 from fedmilm.adapters.space import State
 from fedmilm.aggregation.fedavg import weighted_mean
 from fedmilm.aggregation.robust import robust_mean
@@ -34,8 +35,8 @@ class Aggregator(Protocol):
 
     def may_continue(self) -> bool: ...
 
-    def aggregate(self, updates: list[State], weights: list[float],
-                  reference: State) -> State | None: ...
+    def aggregate(self, updates: list[State], weights: list[float], reference: State,
+                  ranks: list[int] | None = None) -> State | None: ...
 
     def aggregate_secure(self, mean: State | None, count: int,
                          reference: State) -> State | None:
@@ -68,10 +69,12 @@ class FedAvg:
     def may_continue(self) -> bool:
         return True
 
-    def aggregate(self, updates: list[State], weights: list[float],
-                  reference: State) -> State | None:
+    def aggregate(self, updates: list[State], weights: list[float], reference: State,
+                  ranks: list[int] | None = None) -> State | None:
         if len(updates) < self.min_replies:
             return None
+        if ranks is not None:  # heterogeneous LoRA ranks: each component over its holders
+            return hetero_mean(updates, ranks, weights)
         if self.method == "fedavg":
             return weighted_mean(updates, weights)
         return robust_mean(updates, method=self.method, trim_fraction=self.trim_fraction,
@@ -124,8 +127,8 @@ class DpFedAvg:
                                               sample_rate=self.rate, num_steps=1)
         return ahead <= self.target
 
-    def aggregate(self, updates: list[State], weights: list[float],
-                  reference: State) -> State | None:
+    def aggregate(self, updates: list[State], weights: list[float], reference: State,
+                  ranks: list[int] | None = None) -> State | None:
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate)
         if len(updates) < self.min_replies:
             return None

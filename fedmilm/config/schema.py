@@ -44,6 +44,7 @@ class LoraConfig:
     dropout: float = MISSING
     target_modules: list[str] = field(default_factory=list)
     variant: str = MISSING  # standard | ffa (A frozen at its init, only B trains and travels)
+    rank_by_tier: dict[str, int] | None = None  # None: every phone uses r
 
 
 @dataclass

@@ -59,6 +59,16 @@ def _check_lora(cfg: FedMilmConfig, problems: list[str]) -> None:
     if not cfg.lora.target_modules:
         problems.append("lora.target_modules is empty; name at least one module, e.g. [q_proj]")
     _choice(problems, "lora.variant", cfg.lora.variant, LORA_VARIANTS)
+    tiers = cfg.lora.rank_by_tier
+    if tiers:
+        if any(rank <= 0 for rank in tiers.values()):
+            problems.append(f"lora.rank_by_tier={dict(tiers)} holds a rank <= 0")
+        elif max(tiers.values()) != cfg.lora.r:
+            problems.append(f"lora.r={cfg.lora.r} must equal the largest rank in "
+                            f"lora.rank_by_tier={dict(tiers)} (the server keeps that rank)")
+        if cfg.privacy.user_level or cfg.aggregation.secure or cfg.aggregation.method != "fedavg":
+            problems.append("lora.rank_by_tier needs plain aggregation: it is not combinable "
+                            "with user-level DP, aggregation.secure or a robust method yet")
     _choice(problems, "personalization.mode", cfg.personalization.mode, PERSONALIZATION_MODES)
     if cfg.lora.variant == "ffa" and cfg.personalization.mode == "fedsa":
         problems.append("lora.variant=ffa freezes A, which personalization=fedsa shares: nothing "

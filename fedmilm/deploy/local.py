@@ -37,6 +37,14 @@ def _tool(name: str) -> str:
     return found
 
 
+def child_env() -> dict[str, str]:
+    """Environment of every Flower process we start: offline, unbuffered, and with this
+    Python's bin folder first on PATH, because the SuperLink and SuperNodes start
+    `flower-superexec` by name (a venv that is not activated would not be found)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", "PATH": path}
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where a deployment keeps its state inside the run directory."""
@@ -96,8 +104,7 @@ def remote_cli(cfg: FedMilmConfig, run_dir: Path) -> FlwrCli:
                                     "SuperLink's CA certificate (ca.crt)")
     else:
         log.warning("deploy.insecure=true: talking to %s without TLS", cfg.deploy.connect)
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
-    return FlwrCli(Layout(run_dir), str(cfg.deploy.connect), ca_cert, env)
+    return FlwrCli(Layout(run_dir), str(cfg.deploy.connect), ca_cert, child_env())
 
 
 def run_config_toml(cfg: FedMilmConfig, run_dir: Path) -> str:
@@ -163,8 +170,7 @@ class LocalFederation:
         self.port = cfg.deploy.port or free_port(self.host)
         self.address = f"{self.host}:{self.port}"
         self.creds: Credentials | None = None
-        env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
-        self.processes = ProcessGroup(env=env, log_dir=self.layout.logs)
+        self.processes = ProcessGroup(env=child_env(), log_dir=self.layout.logs)
         self.phone_threads = threads_per_phone(cfg)
 
     def __enter__(self) -> LocalFederation:

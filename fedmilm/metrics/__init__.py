@@ -6,9 +6,11 @@ from fedmilm.metrics.records import (
                                      RoundRecord,
                                      append_record,
                                      format_progress,
+                                     losses_by_rank,
                                      mean_or_none,
                                      read_records,
 )
 
-__all__ = ["ClientEval", "RoundRecord", "append_record", "format_progress", "mean_or_none",
+__all__ = ["ClientEval", "RoundRecord", "append_record", "format_progress", "losses_by_rank",
+           "mean_or_none",
            "plot_clients", "plot_losses", "plot_privacy", "read_records"]

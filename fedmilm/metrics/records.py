@@ -17,6 +17,7 @@ class ClientEval:
     loss_base: float
     loss_global: float
     loss_personal: float | None
+    rank: int | None = None        # heterogeneous ranks: the phone's LoRA rank
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,22 @@ class RoundRecord:
     accountant: str | None = None  # which accountant produced the epsilons
     skipped: bool = False          # too few valid replies: the global adapter did not change
     available: int | None = None   # phones the availability trace allowed to be sampled
+    loss_by_rank: dict[str, dict] | None = None  # heterogeneous ranks: mean losses per rank
     per_client: list[ClientEval] = field(default_factory=list)
+
+
+def losses_by_rank(evals: list[ClientEval]) -> dict[str, dict] | None:
+    """Utility per device tier: mean held-out losses of the phones of each LoRA rank."""
+    ranks = sorted({e.rank for e in evals if e.rank is not None})
+    if not ranks:
+        return None
+    out = {}
+    for rank in ranks:
+        group = [e for e in evals if e.rank == rank]
+        out[str(rank)] = {"phones": len(group),
+                          "loss_global": mean_or_none([e.loss_global for e in group]),
+                          "loss_personal": mean_or_none([e.loss_personal for e in group])}
+    return out
 
 
 def mean_or_none(values: list[float | None]) -> float | None:

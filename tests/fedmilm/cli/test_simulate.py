@@ -147,3 +147,18 @@ def test_multirun_sweep_gives_one_run_directory_per_job(tmp_path):
                               "adapter_config.json").read_text())
         assert adapter["r"] == rank
         assert (tmp_path / str(job) / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_mixed_rank_federation_reports_utility_per_tier(tmp_path):
+    run_dir = tmp_path / "run"
+    done = _simulate([*SMALL, "personalization=dual", "lora.r=8",
+                      "lora.rank_by_tier={low:4,high:8}", f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
+    by_rank = rows[-1]["loss_by_rank"]
+    assert set(by_rank) == {"4", "8"} and all(t["phones"] == 2 for t in by_rank.values())
+    assert {c["device"]: c["rank"] for c in rows[-1]["per_client"]} == {0: 4, 1: 8, 2: 4, 3: 8}
+    assert rows[-1]["loss_global"] < rows[-1]["loss_base"]
+    tensors = load_file(str(run_dir / "global_adapter" / "adapter_model.safetensors"))
+    assert all(t.shape[0] == 8 for k, t in tensors.items() if "lora_A" in k)  # server keeps r=8
