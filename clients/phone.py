@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 from omegaconf import OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from fedmilm import protocol
 from fedmilm.adapters import AdapterSpace, cached_adapter_space
@@ -32,10 +33,16 @@ def _space(cfg: FedMilmConfig, rank: int | None = None) -> AdapterSpace:
     return cached_adapter_space(cfg.model, lora, mode=cfg.personalization.mode, seed=cfg.seed)
 
 
+@lru_cache(maxsize=8)
+def _tokenizer(config_text: str) -> PreTrainedTokenizerBase:
+    """Loaded once per process, not once per phone (any tier's space shares it)."""
+    return load_tokenizer(_config(config_text).model)
+
+
 @lru_cache(maxsize=1024)
 def _examples(config_text: str, user: int) -> tuple[list[Example], list[Example]]:
     cfg = _config(config_text)
-    tokenizer, max_length = load_tokenizer(cfg.model), cfg.data.max_length
+    tokenizer, max_length = _tokenizer(config_text), cfg.data.max_length
     data = load_user(cfg.data, user=user, seed=cfg.seed)
     return (encode_all(tokenizer, data.train, max_length),
             encode_all(tokenizer, data.heldout, max_length))

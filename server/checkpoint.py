@@ -12,7 +12,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ class ServerState:
     sampler: random.Random
     aggregator: dict[str, Any]
     epsilon_sample: dict[int, float]   # device id -> its latest DP-SGD epsilon
-    devices: dict[int, int] = field(default_factory=dict)  # node id -> device id (not saved)
 
 
 def config_fingerprint(config_text: str) -> str:

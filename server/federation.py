@@ -122,6 +122,16 @@ def _finish(space: AdapterSpace, global_state: State, cfg: FedMilmConfig, run_di
         plot_clients(evaluated[-1], plots / "per_client_loss.png")
 
 
+@dataclass(frozen=True)
+class Wiring:
+    """What every message of this run carries and how replies map to phones; fixed for the
+    whole run, so it is computed once."""
+
+    config_text: str               # the validated run config as YAML
+    storage_root: str              # simulation: where virtual phones keep device storage
+    devices: dict[int, int]        # node id -> device id
+
+
 @dataclass
 class TrainOutcome:
     """A round's training result: the global step (None: skipped) and what to record."""
@@ -133,14 +143,14 @@ class TrainOutcome:
 
 
 def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round: int,
-                 aggregator: Aggregator, cfg: FedMilmConfig, run_dir: Path) -> TrainOutcome:
+                 aggregator: Aggregator, cfg: FedMilmConfig, wiring: Wiring) -> TrainOutcome:
     """Send the global part, validate every reply, aggregate what passes."""
     fed = cfg.federation
     train_msgs = build_messages(cohort, message_type=TRAIN, global_state=state.global_state,
-                                server_round=server_round, config_text=to_yaml(cfg),
-                                storage_root=str(run_dir / "devices"))
+                                server_round=server_round, config_text=wiring.config_text,
+                                storage_root=wiring.storage_root)
     replies = list(grid.send_and_receive(train_msgs, timeout=fed.round_timeout_s))
-    sorted_replies = collect_updates(replies, state.global_state, devices=state.devices,
+    sorted_replies = collect_updates(replies, state.global_state, devices=wiring.devices,
                                      max_norm=aggregator.max_update_norm)
     missing = len(cohort) - len(replies)
     if missing:
@@ -157,10 +167,10 @@ def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round
 
 
 def _train_secure(grid: Grid, cohort: list[int], state: ServerState, server_round: int,
-                  aggregator: Aggregator, cfg: FedMilmConfig, run_dir: Path) -> TrainOutcome:
+                  aggregator: Aggregator, cfg: FedMilmConfig, wiring: Wiring) -> TrainOutcome:
     """SecAgg+: the server sees only the mean; per-phone validation is impossible by design
     (SecAgg+ bounds each coordinate to +-secagg_clip_range instead)."""
-    config = round_config(server_round, to_yaml(cfg), str(run_dir / "devices"))
+    config = round_config(server_round, wiring.config_text, wiring.storage_root)
     result = secure_mean(grid, cohort, global_state=state.global_state, config=config,
                          server_round=server_round, agg=cfg.aggregation,
                          timeout=cfg.federation.round_timeout_s)
@@ -217,7 +227,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
     devices = discover_devices(grid, wait_for_nodes(grid, wanted=fed.num_clients,
                                                     needed=fed.clients_per_round),
                                timeout=fed.round_timeout_s)
-    state.devices = devices
+    wiring = Wiring(config_text, storage_root, devices)
     node_of = {device: node for node, device in devices.items()}
     trace, policy = availability_for(cfg), policy_of(cfg.device)
     population = sorted(node_of)  # sampling is over device ids: stable across restarts
@@ -237,9 +247,9 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
         eligible = population if trace is None else trace.available(
             population, server_round, policy, cfg.device.slots_per_round)
         cohort = [node_of[d] for d in aggregator.cohort(eligible, state.sampler)]
-        outcome = (_train_secure(grid, cohort, state, server_round, aggregator, cfg, run_dir)
+        outcome = (_train_secure(grid, cohort, state, server_round, aggregator, cfg, wiring)
                    if cfg.aggregation.secure else
-                   _train_plain(grid, cohort, state, server_round, aggregator, cfg, run_dir))
+                   _train_plain(grid, cohort, state, server_round, aggregator, cfg, wiring))
         if outcome.step is None:
             log.warning("round %d skipped: %d valid replies < federation.min_replies=%d",
                         server_round, outcome.contributors, fed.min_replies)
