@@ -190,6 +190,17 @@ class DeployConfig:
 
 
 @dataclass
+class ClientConfig:
+    """How a phone runs local training (see `conf/client/`)."""
+
+    runtime: str = MISSING                 # eager | executorch
+    micro_batch: int | None = None         # None: whole batch (or what the budget allows)
+    gradient_checkpointing: str = MISSING  # auto | on | off
+    memory_budget_mb: float | None = None  # None: no budget
+    export_dir: str | None = None          # executorch: bundle folder (None: RUN_DIR/export)
+
+
+@dataclass
 class FedMilmConfig:
     """Root of the composed config."""
 
@@ -198,6 +209,7 @@ class FedMilmConfig:
     data: DataConfig = field(default_factory=DataConfig)
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)

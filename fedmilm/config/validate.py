@@ -15,6 +15,8 @@ ACCOUNTANT_NAMES = ("prv", "rdp")
 DTYPES = ("float32", "bfloat16")
 AGGREGATION_METHODS = ("fedavg", "trimmed_mean", "median", "krum")
 AVAILABILITY = ("always", "synthetic", "trace")
+RUNTIMES = ("eager", "executorch")
+CHECKPOINTING = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,27 @@ def _check_train(cfg: FedMilmConfig, problems: list[str]) -> None:
     _positive(problems, "train.eval_batch_size", cfg.train.eval_batch_size)
     _positive(problems, "train.lr", cfg.train.lr)
     _positive(problems, "train.weight_decay", cfg.train.weight_decay, allow_zero=True)
+
+
+def _check_client(cfg: FedMilmConfig, problems: list[str]) -> None:
+    client = cfg.client
+    _choice(problems, "client.runtime", client.runtime, RUNTIMES)
+    _choice(problems, "client.gradient_checkpointing", client.gradient_checkpointing,
+            CHECKPOINTING)
+    if client.micro_batch is not None:
+        _positive(problems, "client.micro_batch", client.micro_batch)
+    if client.memory_budget_mb is not None:
+        _positive(problems, "client.memory_budget_mb", client.memory_budget_mb)
+    if client.runtime == "executorch":
+        if cfg.lora.rank_by_tier:
+            problems.append("client.runtime=executorch exports one program per adapter shape; "
+                            "lora.rank_by_tier is not supported with it yet")
+        if client.gradient_checkpointing == "on" or client.memory_budget_mb is not None:
+            problems.append("client.runtime=executorch: the exported program fixes its memory "
+                            "plan at export; set client.micro_batch instead of "
+                            "client.memory_budget_mb / client.gradient_checkpointing")
+    if client.export_dir and client.runtime != "executorch":
+        problems.append("client.export_dir only applies with client.runtime=executorch")
 
 
 def _check_federation(cfg: FedMilmConfig, problems: list[str]) -> None:
@@ -226,7 +249,8 @@ def _check_device(cfg: FedMilmConfig, problems: list[str]) -> None:
 def validate_config(cfg: FedMilmConfig) -> None:
     """Raise `ConfigError` listing every invalid value, each with its key and the fix."""
     problems: list[str] = []
-    for check in (_check_model, _check_lora, _check_data, _check_train, _check_federation,
+    for check in (_check_model, _check_lora, _check_data, _check_train, _check_client,
+                  _check_federation,
                   _check_privacy, _check_aggregation, _check_deploy, _check_device):
         check(cfg, problems)
     if problems:

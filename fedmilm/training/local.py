@@ -61,34 +61,56 @@ def _poisson_batches(examples: list[Example], *, sample_rate: float, steps: int,
         yield collate(chosen, pad_id) if chosen else None
 
 
+def batch_plan(examples: list[Example], *, epochs: int, batch_size: int, pad_id: int,
+               generator: torch.Generator, dp: DpSgd | None) -> Iterator[Batch | None]:
+    """The batches of one local training: shuffled epochs, or Poisson draws under DP-SGD.
+    Every runtime (eager, ExecuTorch) trains on exactly this plan for a given generator."""
+    if dp is None:
+        return (batch for _ in range(epochs)
+                for batch in batches(examples, batch_size=batch_size, pad_id=pad_id,
+                                     generator=generator))
+    steps = planned_steps(len(examples), epochs=epochs, batch_size=batch_size)
+    return _poisson_batches(examples, sample_rate=dp_sample_rate(len(examples),
+                                                                 batch_size=batch_size),
+                            steps=steps, pad_id=pad_id, generator=generator)
+
+
+def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
+    """Rows of `batch` in chunks of at most `size` (None: the batch itself)."""
+    rows = batch.input_ids.size(0)
+    if size is None or size >= rows:
+        return [batch]
+    return [Batch(batch.input_ids[i:i + size], batch.attention_mask[i:i + size],
+                  batch.labels[i:i + size]) for i in range(0, rows, size)]
+
+
 def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter],
                 examples: list[Example], *, epochs: int, batch_size: int, lr: float,
                 weight_decay: float, pad_id: int, seed: int,
-                dp: DpSgd | None = None) -> TrainStats:
+                dp: DpSgd | None = None, micro_batch: int | None = None) -> TrainStats:
     """AdamW on `params`; deterministic given `seed`.
 
     A fresh optimizer each round: phones keep no optimizer state between rounds (it would
-    double the personal storage and go stale while the phone is not sampled).
+    double the personal storage and go stale while the phone is not sampled). With
+    `micro_batch`, each batch runs as several forward/backward passes whose gradients add up
+    to the batch's (under DP-SGD: per-example gradients are clipped and summed across them and
+    the step is noised once), so memory scales with the micro-batch, not the batch.
     """
     if not examples:
         raise ValueError("no training examples on this phone")
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    steps = planned_steps(len(examples), epochs=epochs, batch_size=batch_size)
     module: torch.nn.Module = model
-    if dp is None:
-        plan: Iterator[Batch | None] = (
-            batch for _ in range(epochs)
-            for batch in batches(examples, batch_size=batch_size, pad_id=pad_id,
-                                 generator=generator))
-    else:
+    plan = batch_plan(examples, epochs=epochs, batch_size=batch_size, pad_id=pad_id,
+                      generator=generator, dp=dp)
+    dp_optimizer: DPOptimizer | None = None
+    if dp is not None:
         sample_rate = dp_sample_rate(len(examples), batch_size=batch_size)
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
-                                max_grad_norm=dp.max_grad_norm, expected_batch_size=batch_size)
+        optimizer = dp_optimizer = DPOptimizer(
+            optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=batch_size)
         optimizer.attach_step_hook(dp.accountant.opacus.get_optimizer_hook_fn(sample_rate))
-        plan = _poisson_batches(examples, sample_rate=sample_rate, steps=steps, pad_id=pad_id,
-                                generator=generator)
     started = time.perf_counter()
     loss_sum, done, seen, tokens = 0.0, 0, 0, 0
     try:
@@ -101,12 +123,22 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter],
                     dp.accountant.step(noise_multiplier=dp.noise_multiplier,  # type: ignore
                                        sample_rate=sample_rate)
                     continue
-                losses = per_example_loss(module, batch)  # (B,)
-                losses.mean().backward()
+                rows = batch.input_ids.size(0)
+                parts = micro_batches(batch, micro_batch)
+                for index, part in enumerate(parts):
+                    losses = per_example_loss(module, part)  # (b,)
+                    if dp_optimizer is None:  # weight 1/rows: the parts sum to the batch mean
+                        (losses.sum() / rows).backward()
+                    else:  # per-example gradients; clipped and summed into the step
+                        losses.mean().backward()
+                        if index < len(parts) - 1:
+                            dp_optimizer.signal_skip_step(do_skip=True)
+                            dp_optimizer.step()
+                            dp_optimizer.zero_grad(set_to_none=True)
+                    loss_sum += float(losses.detach().sum())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum += float(losses.detach().sum())
-                seen += batch.input_ids.size(0)
+                seen += rows
                 tokens += int(batch.attention_mask.sum())
             module.eval()
     finally:

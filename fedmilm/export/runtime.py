@@ -1,0 +1,183 @@
+"""The virtual phone: local training that runs only the exported programs, through ExecuTorch's
+runtime (the C++ runtime and kernels the Android library wraps), never the PyTorch model.
+
+It follows the eager loop step for step (same batch plan, same AdamW, same Opacus clipping and
+noise draws), so on the same data and seed its update matches the eager phone's within float
+tolerance. What differs is only where the arithmetic runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+from executorch.extension.training import TrainingModule
+
+from fedmilm.adapters.space import State
+from fedmilm.data.chat import IGNORE, Batch, Example
+from fedmilm.export.manifest import Manifest
+from fedmilm.export.ptd import write_ptd
+from fedmilm.training.local import (
+    DpSgd,
+    TrainStats,
+    batch_plan,
+    dp_sample_rate,
+    micro_batches,
+)
+
+
+@dataclass(frozen=True)
+class PhonePrograms:
+    """An exported bundle in memory: what a phone downloads once."""
+
+    folder: Path
+    manifest: Manifest
+    train: bytes
+    adamw: bytes
+    dp_grad: bytes | None
+
+    @staticmethod
+    def load(folder: Path) -> PhonePrograms:
+        folder = Path(folder)
+        manifest = Manifest.read(folder)
+        programs = manifest.programs
+        dp = programs.get("dp_grad")
+        return PhonePrograms(folder=folder, manifest=manifest,
+                             train=(folder / programs["train"].file).read_bytes(),
+                             adamw=(folder / programs["adamw"].file).read_bytes(),
+                             dp_grad=None if dp is None else (folder / dp.file).read_bytes())
+
+
+@lru_cache(maxsize=2)
+def cached_programs(folder: str) -> PhonePrograms:
+    """Once per process: one simulation worker serves many virtual phones."""
+    return PhonePrograms.load(Path(folder))
+
+
+def pad_to_program(batch: Batch, *, rows: int, seq_len: int, pad_id: int) -> Batch:
+    """Right-pad a (b, t) batch to the program's (rows, seq_len); extra rows carry no labels."""
+    b, t = batch.input_ids.shape
+    if b > rows or t > seq_len:
+        raise ValueError(f"batch {b}x{t} exceeds the exported {rows}x{seq_len}; re-export with "
+                         "a larger client.micro_batch or data.max_length")
+    ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, seq_len), dtype=torch.long)
+    labels = torch.full((rows, seq_len), IGNORE, dtype=torch.long)
+    ids[:b, :t], mask[:b, :t], labels[:b, :t] = (batch.input_ids, batch.attention_mask,
+                                                 batch.labels)
+    return Batch(ids, mask, labels)
+
+
+class _Runtime:
+    """The loaded programs of one local training and the adapter tensors they update."""
+
+    def __init__(self, programs: PhonePrograms, adapter: list[torch.Tensor]) -> None:
+        self.manifest = programs.manifest
+        names = [t.program_key for t in self.manifest.adapter]
+        ptd = write_ptd(dict(zip(names, adapter, strict=True)))  # what the server sends
+        self.train = TrainingModule(_load_for_executorch_from_buffer(programs.train, ptd))
+        self.adamw = _load_for_executorch_from_buffer(programs.adamw)
+        self.dp_grad = (None if programs.dp_grad is None
+                        else _load_for_executorch_from_buffer(programs.dp_grad))
+        self.names, self.adapter = names, [t.clone() for t in adapter]
+        self.exp_avg = [torch.zeros_like(t) for t in adapter]
+        self.exp_avg_sq = [torch.zeros_like(t) for t in adapter]
+        self.steps = 0
+
+    def gradients(self, part: Batch, weight: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Gradients of sum_i weight * loss_i over one padded micro-batch, and its losses."""
+        rows = self.manifest.micro_batch
+        real = int((part.labels != IGNORE).any(dim=1).sum())
+        weights = torch.zeros(rows)
+        weights[:real] = weight
+        loss = self.train.forward_backward("forward", (part.input_ids, part.attention_mask,
+                                                       part.labels, weights))[0]
+        named = self.train.named_gradients()
+        return [named[n].clone() for n in self.names], loss
+
+    def dp_gradients(self, part: Batch, noise: list[torch.Tensor]) -> tuple[list[torch.Tensor],
+                                                                             torch.Tensor]:
+        assert self.dp_grad is not None
+        out = self.dp_grad.run_method("forward", (*self.adapter, part.input_ids,
+                                                  part.attention_mask, part.labels, *noise))
+        return [t.clone() for t in out[:-1]], out[-1].clone()
+
+    def apply_adamw(self, grads: list[torch.Tensor]) -> None:
+        self.steps += 1
+        n = len(self.adapter)
+        out = self.adamw.run_method("forward", (torch.tensor(float(self.steps)), *self.adapter,
+                                                *grads, *self.exp_avg, *self.exp_avg_sq))
+        self.adapter = [t.clone() for t in out[:n]]
+        self.exp_avg = [t.clone() for t in out[n:2 * n]]
+        self.exp_avg_sq = [t.clone() for t in out[2 * n:]]
+        if self.train.named_params is not None:  # write the new adapter into the program
+            params = self.train.named_parameters()
+            for name, value in zip(self.names, self.adapter, strict=True):
+                params[name].copy_(value)
+
+
+def train_with_programs(programs: PhonePrograms, state: State, examples: list[Example], *,
+                        epochs: int, batch_size: int, pad_id: int, seed: int,
+                        dp: DpSgd | None = None) -> tuple[State, TrainStats]:
+    """`fedmilm.training.local.train_local`, run by ExecuTorch. `state` holds every adapter
+    tensor the manifest lists (global and personal); returns them trained, with the stats."""
+    manifest = programs.manifest
+    keys = manifest.peft_keys()
+    missing = sorted(set(keys) - set(state))
+    if missing:
+        raise KeyError(f"the exported programs need {len(missing)} more adapter tensor(s), "
+                       f"e.g. {missing[0]!r}: was the bundle exported for another config?")
+    if dp is not None and programs.dp_grad is None:
+        raise ValueError(f"{programs.folder} has no dp_grad.pte; re-export with sample-level DP")
+    if not examples:
+        raise ValueError("no training examples on this phone")
+    runtime = _Runtime(programs, [state[k].to(torch.float32) for k in keys])
+    generator = torch.Generator().manual_seed(seed)
+    plan = batch_plan(examples, epochs=epochs, batch_size=batch_size, pad_id=pad_id,
+                      generator=generator, dp=dp)
+    rows, seq_len = manifest.micro_batch, manifest.seq_len
+    started = time.perf_counter()
+    loss_sum, done, seen, tokens = 0.0, 0, 0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # DP noise draws from the global generator, as Opacus's do
+        for batch in plan:
+            done += 1
+            if batch is None:  # empty Poisson draw: charged, nothing else happens
+                assert dp is not None
+                dp.accountant.step(noise_multiplier=dp.noise_multiplier,
+                                   sample_rate=dp_sample_rate(len(examples),
+                                                              batch_size=batch_size))
+                continue
+            b = batch.input_ids.size(0)
+            total: list[torch.Tensor] | None = None
+            noise = None
+            if dp is not None:  # Opacus's draw order: one N(0, std) per tensor, per step
+                std = dp.noise_multiplier * dp.max_grad_norm
+                noise = [torch.normal(0.0, std, size=t.shape) for t in runtime.adapter]
+            for index, part in enumerate(micro_batches(batch, rows)):
+                padded = pad_to_program(part, rows=rows, seq_len=seq_len, pad_id=pad_id)
+                if dp is None:
+                    grads, loss = runtime.gradients(padded, 1.0 / b)
+                    loss_sum += float(loss) * b
+                else:
+                    assert noise is not None
+                    step_noise = noise if index == 0 else [torch.zeros_like(z) for z in noise]
+                    grads, losses = runtime.dp_gradients(padded, step_noise)
+                    loss_sum += float(losses.sum())
+                total = grads if total is None else [t + g for t, g in zip(total, grads,
+                                                                          strict=True)]
+            assert total is not None
+            runtime.apply_adamw(total)
+            if dp is not None:
+                dp.accountant.step(noise_multiplier=dp.noise_multiplier,
+                                   sample_rate=dp_sample_rate(len(examples),
+                                                              batch_size=batch_size))
+            seen += b
+            tokens += int(batch.attention_mask.sum())
+    trained = dict(zip(keys, runtime.adapter, strict=True))
+    return trained, TrainStats(loss=loss_sum / max(seen, 1), steps=done, examples=seen,
+                               tokens=tokens, seconds=time.perf_counter() - started)
