@@ -22,6 +22,7 @@ from fedmilm.devices import policy_of
 from fedmilm.privacy import BudgetExceeded, PrivacyLedger
 from fedmilm.runtime import quiet_offline_env
 from fedmilm.training import evaluate_phone, train_phone
+from fedmilm.training.memory import MemoryBudgetError, plan_for
 
 quiet_offline_env()
 log = logging.getLogger("fedmilm.client")
@@ -62,12 +63,22 @@ def train(msg: Message, context: Context) -> Message:
         except BudgetExceeded as err:
             log.info("phone declines to train: %s", err)
             return _declined(msg, protocol.DECLINED_BUDGET, ledger)
+    programs, plan = None, None
+    if cfg.client.runtime == "executorch":
+        programs = phone.programs()
+    else:
+        try:
+            plan = plan_for(cfg, space.model)
+        except MemoryBudgetError as err:
+            log.warning("phone declines to train: %s", err)
+            return _declined(msg, protocol.DECLINED_MEMORY, ledger)
     full = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
     received = full if phone.rank is None else truncate(full, phone.rank)
     outcome = train_phone(space, global_state=received,
                           personal_state=phone.storage.load_personal(space),
                           examples=examples, train=cfg.train, seed=phone.task_seed, dp=dp,
-                          clip_norm=cfg.privacy.user.clip_norm if cfg.privacy.user_level else None)
+                          clip_norm=cfg.privacy.user.clip_norm if cfg.privacy.user_level else None,
+                          plan=plan, programs=programs)
     if ledger is not None:  # the ledger is saved before anything derived from training leaves
         ledger.save(phone.storage.folder / LEDGER_FILE)
     phone.storage.save_personal(space, outcome.personal)

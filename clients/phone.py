@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from omegaconf import OmegaConf
@@ -21,6 +22,9 @@ from fedmilm.clients.storage import DeviceStorage
 from fedmilm.config import FedMilmConfig, load_config
 from fedmilm.data import Example, encode_all, load_user
 from fedmilm.model import load_tokenizer
+
+if TYPE_CHECKING:  # ExecuTorch is imported only by phones that run it
+    from fedmilm.export.runtime import PhonePrograms
 
 
 @lru_cache(maxsize=8)
@@ -81,6 +85,17 @@ class Phone:
 
     def remember_base_loss(self, value: float) -> None:
         _BASE_LOSSES[(self.config_text, self.user)] = value
+
+    def programs(self) -> PhonePrograms:
+        """The exported ExecuTorch programs (`client.runtime=executorch`), read once per
+        process from the bundle the server exported (`client.export_dir`)."""
+        folder = self.cfg.client.export_dir
+        if not folder:
+            raise ValueError("client.runtime=executorch but no client.export_dir reached the "
+                             "phone; the ServerApp sets it when it exports the programs")
+        from fedmilm.export.runtime import cached_programs
+
+        return cached_programs(folder)
 
     @property
     def task_seed(self) -> int:

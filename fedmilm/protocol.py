@@ -30,6 +30,10 @@ DEVICE_ID = "device-id"           # query reply: the phone's stable pseudonym (i
 DECLINED = "declined"             # the phone declined to train, with one of these codes:
 DECLINED_BUDGET = 1               #   its DP-SGD privacy budget is spent
 DECLINED_CONDITIONS = 2           #   its device policy says no (not charging, metered, hot, ...)
+DECLINED_MEMORY = 3               #   training cannot fit client.memory_budget_mb
+DECLINE_REASONS = {DECLINED_BUDGET: "its DP-SGD budget is spent",
+                   DECLINED_CONDITIONS: "its device policy says no",
+                   DECLINED_MEMORY: "training does not fit its memory budget"}
 
 # node_config keys
 PARTITION_ID = "partition-id"     # set by Flower's simulation engine; the phone's user index

@@ -47,6 +47,7 @@ from fedmilm.server.messages import (
     round_config,
 )
 from fedmilm.server.secure import secure_mean
+from fedmilm.training.memory import plan_for
 
 log = logging.getLogger("fedmilm.server")
 
@@ -222,6 +223,17 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
     fingerprint = config_fingerprint(to_yaml(replace(cfg, resume=None)))
     space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
                                  seed=cfg.seed)
+    if cfg.client.runtime == "executorch":  # phones get the programs' folder in their config
+        from fedmilm.export.bundle import ensure_bundle
+
+        export_dir = ensure_bundle(space, cfg, run_dir)
+        config_text = to_yaml(replace(cfg, client=replace(cfg.client,
+                                                          export_dir=str(export_dir))))
+    else:
+        plan = plan_for(cfg, space.model)  # a budget nothing fits stops here, not on phones
+        log.info("phones train with micro-batch %d, gradient checkpointing %s (estimated peak "
+                 "%.0f MiB)", plan.micro_batch, "on" if plan.checkpointing else "off",
+                 plan.estimated_bytes / 2**20)
     aggregator = create_aggregator(cfg)
     state = _start_state(cfg, space, aggregator, run_dir, fingerprint)
     devices = discover_devices(grid, wait_for_nodes(grid, wanted=fed.num_clients,
@@ -279,4 +291,11 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
         log.info(format_progress(record, fed.rounds))
     # ---- finish: PEFT adapter and plots
     _finish(space, state.global_state, cfg, run_dir)
+    if cfg.client.runtime == "executorch":  # what a phone app downloads next
+        from fedmilm.export.manifest import Manifest
+        from fedmilm.export.ptd import adapter_to_ptd
+
+        full = {**space.initial_state(tuple(space.initial)), **state.global_state}
+        (run_dir / "global_adapter.ptd").write_bytes(
+            adapter_to_ptd(Manifest.read(export_dir), full))
     return state.global_state

@@ -134,8 +134,8 @@ def collect_updates(replies: list[Message], reference: State, *, max_norm: float
         if metrics is not None and protocol.EPSILON_SAMPLE in metrics:
             out.epsilon_sample[device] = float(metrics[protocol.EPSILON_SAMPLE])
         if metrics is not None and protocol.DECLINED in metrics:
-            why = ("its device policy says no" if metrics[protocol.DECLINED] ==
-                   protocol.DECLINED_CONDITIONS else "its DP-SGD budget is spent")
+            code = int(metrics[protocol.DECLINED])
+            why = protocol.DECLINE_REASONS.get(code, f"unknown reason code {code}")
             log.info("device %d declined to train: %s", device, why)
             out.declined += 1
             continue

@@ -27,6 +27,7 @@ from fedmilm.cli.common import (  # noqa: E402
     run_dir_and_config,
 )
 from fedmilm.config import FedMilmConfig, to_yaml  # noqa: E402
+from fedmilm.training.memory import MemoryBudgetError  # noqa: E402
 
 SERVER_FACTORY = "fedmilm.server.app:make_server_app"
 CLIENT_APP = "fedmilm.clients.app:app"
@@ -68,9 +69,13 @@ def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
     started = time.perf_counter()
     if cfg.federation.ray_address:
         attach_ray(cfg.federation.ray_address)
-    run_simulation(server_app=server_app, client_app=load_component(CLIENT_APP),
-                   num_supernodes=cfg.federation.num_clients,
-                   backend_config=backend_config(cfg))
+    try:
+        run_simulation(server_app=server_app, client_app=load_component(CLIENT_APP),
+                       num_supernodes=cfg.federation.num_clients,
+                       backend_config=backend_config(cfg))
+    except MemoryBudgetError as err:  # raised by the ServerApp before round 1
+        print(f"fedmilm: memory budget error: {err}", file=sys.stderr)
+        sys.exit(2)
     report_run(cfg, run_dir, started)
 
 

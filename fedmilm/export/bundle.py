@@ -33,7 +33,7 @@ from fedmilm.export.manifest import (
     ProgramSpec,
     TensorSpec,
 )
-from fedmilm.export.ptd import write_ptd
+from fedmilm.export.ptd import read_ptd, write_ptd
 
 log = logging.getLogger("fedmilm.export")
 WRAPPER_PREFIX = "model."  # `graphs.WeightedLoss` holds the PEFT model as `self.model`
@@ -48,13 +48,48 @@ class ExportTimings:
     sizes: dict[str, int]
 
 
+def micro_batch_of(cfg: FedMilmConfig) -> int:
+    """The exported micro-batch: `client.micro_batch`, else the whole training batch."""
+    return cfg.client.micro_batch or cfg.train.batch_size
+
+
 def export_fingerprint(cfg: FedMilmConfig) -> str:
-    """Hash of everything the programs depend on: model, LoRA, personalisation, data length,
-    training and privacy settings, seed. A bundle is reused only when this matches."""
-    relevant = {k: getattr(cfg, k) for k in ("model", "lora", "personalization", "train",
-                                              "privacy", "seed")}
-    text = repr(sorted(relevant.items())) + f"|{cfg.data.max_length}|{cfg.client.micro_batch}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Hash of everything the programs depend on: model, LoRA, personalisation, training
+    hyper-parameters, seed (random bases, FFA's frozen A), shapes and the DP clipping bound.
+    A bundle is used only when this matches the run's config."""
+    sample = cfg.privacy.sample
+    relevant = (cfg.model, cfg.lora, cfg.personalization, cfg.train, cfg.seed,
+                cfg.data.max_length, micro_batch_of(cfg),
+                (cfg.privacy.sample_level, sample.max_grad_norm))
+    return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
+
+
+def ensure_bundle(space: AdapterSpace, cfg: FedMilmConfig, run_dir: Path) -> Path:
+    """The bundle the phones of this run train with: `client.export_dir` if given (it must
+    match this config), else `RUN_DIR/export`, exported now unless a matching one is there
+    (a resumed run)."""
+    wanted = export_fingerprint(cfg)
+    if cfg.client.export_dir:
+        folder = Path(cfg.client.export_dir).expanduser().resolve()
+        found = Manifest.read(folder).config_fingerprint
+        if found != wanted:
+            raise ValueError(f"client.export_dir={folder} was exported for another config "
+                             f"(fingerprint {found}, this run needs {wanted}); run "
+                             "fedmilm-export with this run's overrides")
+        return folder
+    folder = run_dir / "export"
+    if folder.is_dir():
+        try:
+            if Manifest.read(folder).config_fingerprint == wanted:
+                return folder
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or stale: export again
+    log.info("exporting the ExecuTorch training programs into %s (once per run)", folder)
+    space.load(space.initial_state(tuple(space.initial)))
+    _, timings = export_bundle(space, cfg, folder)
+    log.info("exported in %.1f s: %s", sum(timings.seconds.values()),
+             ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in timings.sizes.items()))
+    return folder
 
 
 def _spec(name: str, tensor: torch.Tensor) -> TensorSpec:
@@ -65,10 +100,6 @@ def _batch_specs(micro_batch: int, seq_len: int) -> list[TensorSpec]:
     ids, mask, labels = graphs.batch_inputs(micro_batch, seq_len)
     return [_spec("input_ids", ids), _spec("attention_mask", mask), _spec("labels", labels)]
 
-
-def micro_batch_of(cfg: FedMilmConfig) -> int:
-    """The exported micro-batch: `client.micro_batch`, else the whole training batch."""
-    return cfg.client.micro_batch or cfg.train.batch_size
 
 
 def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
@@ -92,8 +123,10 @@ def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
     files["train.pte"], ptd = to_executorch(joint, external_weights=True)
     seconds["train_lower"] = time.perf_counter() - started
     program_keys = {k: WRAPPER_PREFIX + k for k in keys}
+    if ptd is None or set(read_ptd(ptd)) != set(program_keys.values()):
+        raise RuntimeError("ExecuTorch named the program's adapter tensors differently than "
+                           "expected; this ExecuTorch version is not supported")
     files["adapter.ptd"] = write_ptd({program_keys[k]: adapter[k] for k in keys})
-    assert ptd is not None  # ExecuTorch's own file only fixes the names; ours holds the values
 
     started = time.perf_counter()
     files["adamw.pte"], _ = to_executorch(graphs.adamw_graph(

@@ -20,7 +20,7 @@ from executorch.extension.training import TrainingModule
 from fedmilm.adapters.space import State
 from fedmilm.data.chat import IGNORE, Batch, Example
 from fedmilm.export.manifest import Manifest
-from fedmilm.export.ptd import write_ptd
+from fedmilm.export.ptd import adapter_to_ptd
 from fedmilm.training.local import (
     DpSgd,
     TrainStats,
@@ -78,8 +78,10 @@ class _Runtime:
     def __init__(self, programs: PhonePrograms, adapter: list[torch.Tensor]) -> None:
         self.manifest = programs.manifest
         names = [t.program_key for t in self.manifest.adapter]
-        ptd = write_ptd(dict(zip(names, adapter, strict=True)))  # what the server sends
-        self.train = TrainingModule(_load_for_executorch_from_buffer(programs.train, ptd))
+        # What the server sends. Kept referenced: the runtime reads the buffer, it does not copy.
+        self._ptd = adapter_to_ptd(self.manifest, dict(zip(self.manifest.peft_keys(), adapter,
+                                                           strict=True)))
+        self.train = TrainingModule(_load_for_executorch_from_buffer(programs.train, self._ptd))
         self.adamw = _load_for_executorch_from_buffer(programs.adamw)
         self.dp_grad = (None if programs.dp_grad is None
                         else _load_for_executorch_from_buffer(programs.dp_grad))

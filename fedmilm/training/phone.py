@@ -7,6 +7,7 @@ call these, so simulation, deployment and the no-Flower baseline run the very sa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedmilm.adapters.space import AdapterSpace, State
 from fedmilm.config.schema import TrainConfig
@@ -14,6 +15,10 @@ from fedmilm.data.chat import Example, batches
 from fedmilm.privacy.user_level import clip_update
 from fedmilm.training.local import DpSgd, TrainStats, train_local
 from fedmilm.training.loss import mean_loss
+from fedmilm.training.memory import MemoryPlan, gradient_checkpointing
+
+if TYPE_CHECKING:  # ExecuTorch is imported only by phones that run it
+    from fedmilm.export.runtime import PhonePrograms
 
 
 @dataclass(frozen=True)
@@ -37,20 +42,38 @@ class EvalOutcome:
 
 def train_phone(space: AdapterSpace, *, global_state: State, personal_state: State,
                 examples: list[Example], train: TrainConfig, seed: int,
-                dp: DpSgd | None = None, clip_norm: float | None = None) -> TrainOutcome:
+                dp: DpSgd | None = None, clip_norm: float | None = None,
+                plan: MemoryPlan | None = None,
+                programs: PhonePrograms | None = None) -> TrainOutcome:
     """Install both parts, train locally (DP-SGD when `dp` is set), return the update of the
-    global part (clipped to `clip_norm` for user-level DP) and the new personal part."""
-    space.load(global_state)
-    space.load(personal_state)
-    stats = train_local(space.model, space.trainable_parameters(), examples,
-                        epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
-                        weight_decay=train.weight_decay,
-                        pad_id=space.tokenizer.pad_token_id, seed=seed, dp=dp)
-    trained = space.state(space.global_keys)
+    global part (clipped to `clip_norm` for user-level DP) and the new personal part.
+
+    `plan` sets micro-batch and gradient checkpointing (memory budget). With `programs` the
+    training runs only through the exported ExecuTorch programs (`client.runtime=executorch`);
+    the eager model is not touched.
+    """
+    if programs is not None:
+        from fedmilm.export.runtime import train_with_programs
+
+        trained, stats = train_with_programs(
+            programs, {**global_state, **personal_state}, examples, epochs=train.epochs,
+            batch_size=train.batch_size, pad_id=space.tokenizer.pad_token_id, seed=seed, dp=dp)
+        personal = {k: trained[k] for k in space.personal_keys}
+    else:
+        space.load(global_state)
+        space.load(personal_state)
+        with gradient_checkpointing(space.model, plan is not None and plan.checkpointing):
+            stats = train_local(space.model, space.trainable_parameters(), examples,
+                                epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
+                                weight_decay=train.weight_decay,
+                                pad_id=space.tokenizer.pad_token_id, seed=seed, dp=dp,
+                                micro_batch=None if plan is None else plan.micro_batch)
+        trained = space.state(space.global_keys)
+        personal = space.state(space.personal_keys)
     update = {k: trained[k] - global_state[k] for k in space.global_keys}
     if clip_norm is not None:
         update = clip_update(update, clip_norm)
-    return TrainOutcome(update=update, personal=space.state(space.personal_keys), stats=stats)
+    return TrainOutcome(update=update, personal=personal, stats=stats)
 
 
 def evaluate_phone(space: AdapterSpace, *, global_state: State, personal_state: State,

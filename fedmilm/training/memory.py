@@ -1,0 +1,135 @@
+"""Fit one phone's local training into a memory budget.
+
+The phone picks the largest micro-batch (gradients accumulate to the full batch, so training is
+unchanged) and turns on gradient checkpointing only when no micro-batch fits without it. The
+estimate is analytic, from the loaded model's own shapes, and deliberately conservative; it is
+checked against measured peak RSS in `benchmarks/memory_budget.py` (see BENCHMARKS.md).
+
+Checkpointing is re-entrant (`use_reentrant=True` plus input gradients): Opacus's per-example
+hooks fail under transformers' default non-re-entrant checkpointing
+(`../shared/notes/performance-facts.md`), and with re-entrant mode the clipped gradients are
+bit-identical to no checkpointing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from fedmilm.config.schema import FedMilmConfig
+
+MIB = 2**20
+RUNTIME_BYTES = 450 * MIB  # Python + torch + transformers + peft + opacus, measured 424 MiB
+SAFETY = 1.25              # headroom over the per-token activation count below
+
+
+class MemoryBudgetError(ValueError):
+    """No micro-batch and checkpointing choice fits the phone's budget."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the phone trains: rows per forward/backward and whether to checkpoint."""
+
+    micro_batch: int
+    checkpointing: bool
+    estimated_bytes: int
+
+
+def _shapes(model: torch.nn.Module) -> tuple[int, int, int, int, int]:
+    config = model.config
+    return (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+            config.vocab_size, config.num_attention_heads)
+
+
+def _lora_inputs(model: torch.nn.Module) -> int:
+    """Sum of in_features of trainable LoRA A matrices: Opacus keeps each one's input."""
+    return sum(p.shape[1] for k, p in model.named_parameters()
+               if p.requires_grad and ".lora_A." in k)
+
+
+def estimate_peak_bytes(model: torch.nn.Module, *, micro_batch: int, seq_len: int,
+                        checkpointing: bool, dp: bool) -> int:
+    """Peak resident bytes of one local training step (a Llama-style decoder).
+
+    weights + adapter (fp32) with its gradient and AdamW moments + activations kept for the
+    backward pass per token: per layer ~30 h + 8 i bytes in 16-bit activations (norms upcast to
+    fp32, q/k/v, rotary, attention output, the MLP's four i-wide tensors), or only each layer's
+    input when checkpointing (plus one layer recomputed), and the logits path (~14 bytes per
+    vocabulary entry: 16-bit logits, fp32 copy, log-softmax and its gradient). DP adds each
+    LoRA input in fp32 and per-example gradients.
+    """
+    hidden, inter, layers, vocab, _ = _shapes(model)
+    act = model.get_input_embeddings().weight.element_size()  # the frozen base's dtype
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    layer = (15 * hidden + 4 * inter) * act
+    per_token = (hidden * act * layers + layer if checkpointing else layer * layers)
+    per_token += 14 * vocab
+    if dp:
+        per_token += 4 * _lora_inputs(model)
+    tokens = micro_batch * seq_len
+    per_example = 2 * trainable * micro_batch if dp else 0
+    return int(RUNTIME_BYTES + weights + 3 * trainable + per_example
+               + SAFETY * per_token * tokens)
+
+
+def plan_memory(model: torch.nn.Module, *, budget_mb: float | None, batch_size: int,
+                seq_len: int, micro_batch: int | None, checkpointing: str,
+                dp: bool) -> MemoryPlan:
+    """The plan for `client.*` settings. Without a budget: the configured micro-batch (or the
+    whole batch) and checkpointing only if asked. With one: the largest micro-batch up to that,
+    without checkpointing if possible (re-computation costs 1.2-1.5x time), else with it (unless
+    `checkpointing="off"`). Raises `MemoryBudgetError` if nothing fits."""
+    largest = min(micro_batch or batch_size, batch_size)
+    if budget_mb is None:
+        on = checkpointing == "on"
+        return MemoryPlan(largest, on, estimate_peak_bytes(
+            model, micro_batch=largest, seq_len=seq_len, checkpointing=on, dp=dp))
+    choices = {"auto": (False, True), "on": (True,), "off": (False,)}[checkpointing]
+    budget = int(budget_mb * MIB)
+    for on in choices:
+        for rows in range(largest, 0, -1):
+            need = estimate_peak_bytes(model, micro_batch=rows, seq_len=seq_len,
+                                       checkpointing=on, dp=dp)
+            if need <= budget:
+                return MemoryPlan(rows, on, need)
+    smallest = estimate_peak_bytes(model, micro_batch=1, seq_len=seq_len,
+                                   checkpointing=choices[-1], dp=dp)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    raise MemoryBudgetError(
+        f"client.memory_budget_mb={budget_mb:g} is too small: even micro-batch 1 "
+        f"{'with' if choices[-1] else 'without'} gradient checkpointing needs an estimated "
+        f"{smallest / MIB:.0f} MiB (model weights alone {weights / MIB:.0f} MiB, sequence length "
+        f"{seq_len}); raise the budget, shorten data.max_length, use a bfloat16 base"
+        + (" or allow client.gradient_checkpointing=auto" if checkpointing == "off" else ""))
+
+
+def plan_for(cfg: FedMilmConfig, model: torch.nn.Module) -> MemoryPlan:
+    """`plan_memory` for a run config's `client.*`, `train.batch_size` and `data.max_length`."""
+    client = cfg.client
+    return plan_memory(model, budget_mb=client.memory_budget_mb,
+                       batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length,
+                       micro_batch=client.micro_batch,
+                       checkpointing=client.gradient_checkpointing,
+                       dp=cfg.privacy.sample_level)
+
+
+@contextmanager
+def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Re-entrant checkpointing of every decoder layer for the duration, then off again (the
+    cached model serves other phones)."""
+    if not enabled:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    base.enable_input_require_grads()
+    try:
+        yield
+    finally:
+        base.gradient_checkpointing_disable()
+        base.disable_input_require_grads()
