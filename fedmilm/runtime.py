@@ -33,6 +33,14 @@ def quiet_offline_env() -> None:
                             category=UserWarning)
     for noisy in ("alembic", "urllib3", "filelock"):  # INFO chatter under Hydra's root logger
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # torchao (pulled in by ExecuTorch, imported by peft) warns that its CUDA kernels do not
+    # load on this CPU build, and torch warns about its pytree registrations, on every import.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # ExecuTorch 1.5.1 marks its training APIs experimental and reads its schemas with a
+    # deprecated importlib helper, on every call; neither is actionable for a user.
+    warnings.filterwarnings("ignore", message="This API is experimental", category=Warning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"executorch(\.|$)")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

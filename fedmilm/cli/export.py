@@ -1,11 +1,13 @@
 """`fedmilm-export`: the phone's ExecuTorch training programs for a run config.
 
-    fedmilm-export [hydra overrides]                    into RUN_DIR/export
-    fedmilm-export client.export_dir=DIR privacy=sample  into DIR, with the DP-SGD program
+    fedmilm-export client.runtime=executorch [the run's overrides]      into RUN_DIR/export
+    fedmilm-export client.runtime=executorch client.export_dir=DIR privacy=sample
+                                                          into DIR, with the DP-SGD program
 
 Writes train.pte + adapter.ptd, adamw.pte, dp_grad.pte (sample-level DP), tokenizer/ and
 manifest.json (see fedmilm/export/bundle.py). `fedmilm-simulate client.runtime=executorch
-client.export_dir=DIR` then trains every phone through these files.
+client.export_dir=DIR` (same overrides) then trains every phone through these files; a bundle
+made for other settings is refused.
 """
 
 from __future__ import annotations

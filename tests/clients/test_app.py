@@ -131,3 +131,11 @@ def test_phone_declines_when_its_device_policy_says_no(tmp_path, monkeypatch):
     monkeypatch.setattr(phone_app, "read_conditions", lambda: plugged)
     reply = _call(tiny_config("device.check_conditions=true"), MessageType.TRAIN, tmp_path)
     assert list(reply.content.array_records) == [protocol.UPDATE_ARRAYS]
+
+
+def test_phone_declines_when_training_cannot_fit_its_memory_budget(tmp_path):
+    reply = _call(tiny_config("client.memory_budget_mb=64"), MessageType.TRAIN, tmp_path)
+    assert not reply.content.array_records
+    metrics = reply.content.metric_records[protocol.METRICS]
+    assert metrics[protocol.DECLINED] == protocol.DECLINED_MEMORY
+    assert not (tmp_path / "devices" / "0" / PERSONAL_FILE).exists()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -83,6 +84,8 @@ def test_fedsa_personal_beats_global(tmp_path):
     ("federation.clients_per_round=99", "federation.clients_per_round=99 exceeds"),
     ("model=hf", "model.path"),
     ("model=nonexistent", "model/nonexistent"),
+    ("client.runtime=tflite", "client.runtime='tflite' is not allowed"),
+    ("client.memory_budget_mb=64", "memory budget error: client.memory_budget_mb=64 is too small"),
 ])
 def test_invalid_config_stops_before_training(override, needle, tmp_path):
     done = _simulate([override, f"hydra.run.dir={tmp_path}"], timeout=120)
@@ -162,3 +165,34 @@ def test_mixed_rank_federation_reports_utility_per_tier(tmp_path):
     assert rows[-1]["loss_global"] < rows[-1]["loss_base"]
     tensors = load_file(str(run_dir / "global_adapter" / "adapter_model.safetensors"))
     assert all(t.shape[0] == 8 for k, t in tensors.items() if "lora_A" in k)  # server keeps r=8
+
+
+def test_executorch_phones_train_only_through_exported_programs_and_learn(tmp_path):
+    """`fedmilm-export` makes the bundle; every phone of the federation then trains through it.
+    (The DP-SGD program is checked against Opacus in tests/fedmilm/export: same CI minutes.)"""
+    bundle, run_dir = tmp_path / "bundle", tmp_path / "run"
+    same = [*SMALL, "client.runtime=executorch"]
+    exported = subprocess.run(
+        [sys.executable, "-c", "from fedmilm.cli.export import main; main()", *same,
+         f"client.export_dir={bundle}", f"hydra.run.dir={tmp_path / 'export-run'}"],
+        capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert {p.name for p in bundle.iterdir()} == {"train.pte", "adapter.ptd", "adamw.pte",
+                                                   "manifest.json", "tokenizer"}
+    done = _simulate([*same, f"client.export_dir={bundle}",
+                      f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exporting the ExecuTorch" not in done.stderr  # the given bundle was used
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rows] == [2, 2]
+    assert rows[-1]["loss_global"] < rows[-1]["loss_base"]
+    assert rows[-1]["loss_global"] < rows[0]["loss_global"]  # and keeps learning
+    from fedmilm.export.manifest import Manifest
+    from fedmilm.export.ptd import ptd_to_adapter
+
+    served = ptd_to_adapter(Manifest.read(bundle), (run_dir / "global_adapter.ptd").read_bytes())
+    saved = load_file(str(run_dir / "global_adapter" / "adapter_model.safetensors"))
+    assert len(saved) == len([k for k in served if ".global." in k])
+    for key, value in saved.items():  # PEFT's saved names drop the adapter name
+        match = [v for k, v in served.items() if k.replace(".global", "") == key]
+        assert len(match) == 1 and torch.equal(match[0], value)

@@ -1,0 +1,203 @@
+"""Exported ExecuTorch programs against eager PEFT / Opacus, run by ExecuTorch's own runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+
+from fedmilm.adapters import build_adapter_space
+from fedmilm.data.chat import IGNORE, Example, collate
+from fedmilm.export import PhonePrograms, export_bundle, train_with_programs
+from fedmilm.export.bundle import ensure_bundle
+from fedmilm.export.manifest import Manifest
+from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter, read_ptd, write_ptd
+from fedmilm.export.runtime import pad_to_program
+from fedmilm.privacy import Accountant
+from fedmilm.training import DpSgd, per_example_loss, train_local
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+SEQ, MICRO, BATCH = 24, 3, 4
+OVERRIDES = (f"data.max_length={SEQ}", f"client.micro_batch={MICRO}", f"train.batch_size={BATCH}",
+             "personalization=dual", "privacy=sample", "privacy.sample.noise_multiplier=0.8",
+             "train.lr=0.01")
+
+
+def random_examples(count: int, seed: int) -> list[Example]:
+    """Fresh random token sequences (never seen at export), labels on a random suffix."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        length = int(torch.randint(6, SEQ + 1, (1,), generator=gen))
+        ids = torch.randint(0, 2000, (length,), generator=gen).tolist()
+        start = int(torch.randint(1, length - 2, (1,), generator=gen))
+        out.append(Example(ids, [IGNORE] * start + ids[start:]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny model with a random (non-zero) adapter, exported with the DP program."""
+    cfg = tiny_config(*OVERRIDES)
+    space = build_adapter_space(cfg.model, cfg.lora, mode="dual", seed=0)
+    gen = torch.Generator().manual_seed(11)
+    start = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in space.initial.items()}
+    space.load(start)
+    folder = tmp_path_factory.mktemp("bundle")
+    manifest, timings = export_bundle(space, cfg, folder)
+    return cfg, space, start, PhonePrograms.load(folder), timings
+
+
+def _eager(space, start, examples, *, dp=None, seed=7, micro_batch=MICRO):
+    space.load(start)
+    stats = train_local(space.model, space.trainable_parameters(), examples, epochs=2,
+                        batch_size=BATCH, lr=0.01, weight_decay=0.0,
+                        pad_id=space.tokenizer.pad_token_id, seed=seed, dp=dp,
+                        micro_batch=micro_batch)
+    return space.state(tuple(space.initial)), stats
+
+
+def _assert_same_training(eager, programs_out, start):
+    moved = max(float((eager[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3  # training really changed the adapter
+    for key in start:
+        torch.testing.assert_close(programs_out[key], eager[key], rtol=1e-4, atol=5e-6)
+
+
+def test_exported_training_matches_eager_peft(exported):
+    cfg, space, start, programs, _ = exported
+    examples = random_examples(10, seed=1)
+    eager, stats = _eager(space, start, examples)
+    trained, et_stats = train_with_programs(programs, start, examples, epochs=2,
+                                            batch_size=BATCH, pad_id=space.tokenizer.pad_token_id,
+                                            seed=7)
+    _assert_same_training(eager, trained, start)
+    assert (et_stats.steps, et_stats.examples, et_stats.tokens) == (stats.steps, stats.examples,
+                                                                    stats.tokens)
+    assert et_stats.loss == pytest.approx(stats.loss, rel=1e-5)
+
+
+def test_exported_dp_step_matches_opacus(exported):
+    cfg, space, start, programs, _ = exported
+    examples = random_examples(12, seed=2)
+    eager_acc, et_acc = Accountant("prv"), Accountant("prv")
+    eager, _ = _eager(space, start, examples, dp=DpSgd(0.8, 1.0, eager_acc), seed=3)
+    trained, _ = train_with_programs(programs, start, examples, epochs=2, batch_size=BATCH,
+                                     pad_id=space.tokenizer.pad_token_id, seed=3,
+                                     dp=DpSgd(0.8, 1.0, et_acc))
+    _assert_same_training(eager, trained, start)
+    assert et_acc.history == eager_acc.history and et_acc.steps > 0
+    # Another noise draw (seed) gives another result: the noise really enters the step.
+    other, _ = train_with_programs(programs, start, examples, epochs=2, batch_size=BATCH,
+                                   pad_id=space.tokenizer.pad_token_id, seed=4,
+                                   dp=DpSgd(0.8, 1.0, Accountant("prv")))
+    assert max(float((other[k] - trained[k]).abs().max()) for k in start) > 1e-4
+
+
+def test_dp_program_adds_the_supplied_noise_divided_by_the_expected_batch(exported):
+    cfg, space, start, programs, _ = exported
+    module = _load_for_executorch_from_buffer(programs.dp_grad)
+    keys = programs.manifest.peft_keys()
+    batch = pad_to_program(collate(random_examples(2, seed=5), 0), rows=MICRO, seq_len=SEQ,
+                           pad_id=0)
+    adapter = [start[k] for k in keys]
+    zeros = [torch.zeros_like(t) for t in adapter]
+    noise = [torch.randn(t.shape) for t in adapter]
+    quiet = module.run_method("forward", (*adapter, batch.input_ids, batch.attention_mask,
+                                          batch.labels, *zeros))
+    noisy = module.run_method("forward", (*adapter, batch.input_ids, batch.attention_mask,
+                                          batch.labels, *noise))
+    for q, n, z in zip(quiet, noisy, noise, strict=False):
+        torch.testing.assert_close(n - q, z / BATCH, rtol=1e-4, atol=1e-6)
+    losses = noisy[-1]
+    assert losses.shape == (MICRO,) and float(losses[2]) == 0.0  # the padded row
+    # Each real row's clipped gradient has norm <= max_grad_norm, so their sum <= 2 * C.
+    total = torch.cat([(q * BATCH).flatten() for q in quiet[:-1]]).norm()
+    assert float(total) <= 2 * cfg.privacy.sample.max_grad_norm + 1e-5
+
+
+def test_a_server_written_ptd_takes_effect_and_the_pte_needs_one(exported):
+    cfg, space, start, programs, _ = exported
+    manifest = programs.manifest
+    batch = collate(random_examples(MICRO, seed=6), space.tokenizer.pad_token_id)
+    padded = pad_to_program(batch, rows=MICRO, seq_len=SEQ, pad_id=space.tokenizer.pad_token_id)
+    weights = torch.full((MICRO,), 1.0 / MICRO)
+    gen = torch.Generator().manual_seed(9)
+    for state in (start, {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in
+                          start.items()}):
+        space.load(state)
+        with torch.no_grad():
+            eager = float(per_example_loss(space.model, batch).mean())
+        module = _load_for_executorch_from_buffer(programs.train, adapter_to_ptd(manifest, state))
+        loss = module.run_method("forward", (padded.input_ids, padded.attention_mask,
+                                             padded.labels, weights))[0]
+        assert float(loss) == pytest.approx(eager, rel=1e-5)
+    with pytest.raises(RuntimeError):  # the adapter lives only in the .ptd
+        _load_for_executorch_from_buffer(programs.train).run_method(
+            "forward", (padded.input_ids, padded.attention_mask, padded.labels, weights))
+
+
+def test_ptd_round_trips_and_refuses_mismatches(exported):
+    _, _, start, programs, _ = exported
+    manifest = programs.manifest
+    blob = adapter_to_ptd(manifest, start)
+    back = ptd_to_adapter(manifest, blob)
+    assert set(back) == set(start) and all(torch.equal(back[k], start[k]) for k in start)
+    exported_ptd = read_ptd((programs.folder / "adapter.ptd").read_bytes())
+    assert set(exported_ptd) == {t.program_key for t in manifest.adapter}
+    first = manifest.adapter[0]
+    with pytest.raises(KeyError, match="missing"):
+        adapter_to_ptd(manifest, {k: v for k, v in start.items() if k != first.peft_key})
+    with pytest.raises(ValueError, match="shape"):
+        adapter_to_ptd(manifest, {**start, first.peft_key: torch.zeros(1, 1)})
+    with pytest.raises(ValueError, match="does not match"):
+        ptd_to_adapter(manifest, write_ptd({"stranger": torch.zeros(2)}))
+
+
+def test_manifest_describes_the_programs_as_executorch_sees_them(exported):
+    cfg, space, _, programs, timings = exported
+    manifest = Manifest.read(programs.folder)
+    assert manifest == programs.manifest
+    assert (manifest.micro_batch, manifest.seq_len) == (MICRO, SEQ)
+    assert [t.peft_key for t in manifest.adapter] == list(space.initial)
+    assert {t.part for t in manifest.adapter} == {"global", "personal"}
+    assert manifest.hyper_parameters["lr"] == cfg.train.lr
+    assert manifest.tokenizer["pad_token_id"] == space.tokenizer.pad_token_id
+    assert (programs.folder / "tokenizer" / "tokenizer.json").is_file()
+    for name, spec in manifest.programs.items():
+        module = _load_for_executorch_from_buffer((programs.folder / spec.file).read_bytes(),
+                                                  (programs.folder / spec.data_file).read_bytes()
+                                                  if spec.data_file else None)
+        meta = module.method_meta(spec.method)
+        assert meta.num_inputs() == len(spec.inputs), name
+        for index, tensor in enumerate(spec.inputs):
+            assert list(meta.input_tensor_meta(index).sizes()) == tensor.shape, (name, index)
+    assert set(timings.sizes) == {"train.pte", "adapter.ptd", "adamw.pte", "dp_grad.pte"}
+
+
+def test_batches_larger_than_the_program_are_refused():
+    batch = collate(random_examples(2, seed=3), 0)
+    with pytest.raises(ValueError, match="re-export"):
+        pad_to_program(batch, rows=1, seq_len=SEQ, pad_id=0)
+
+
+def test_a_bundle_for_another_config_is_refused(exported, tmp_path):
+    _, space, _, programs, _ = exported
+    other = tiny_config(*OVERRIDES, "train.lr=0.05", "client.runtime=executorch",
+                        f"client.export_dir={programs.folder}")
+    with pytest.raises(ValueError, match="exported for another config"):
+        ensure_bundle(space, other, tmp_path)
+
+
+def test_the_server_exports_once_per_run_and_reuses_it_on_resume(tmp_path):
+    cfg = tiny_config(f"data.max_length={SEQ}", "client.micro_batch=2", "client.runtime=executorch")
+    space = build_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode, seed=0)
+    folder = ensure_bundle(space, cfg, tmp_path)
+    assert folder == tmp_path / "export"
+    manifest = Manifest.read(folder)
+    assert "dp_grad" not in manifest.programs and manifest.micro_batch == 2
+    stamp = (folder / "train.pte").stat().st_mtime_ns
+    assert ensure_bundle(space, cfg, tmp_path) == folder
+    assert (folder / "train.pte").stat().st_mtime_ns == stamp  # not exported again
+    assert not list(tmp_path.glob(".export.partial-*"))  # nothing half-written left behind
