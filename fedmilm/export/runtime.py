@@ -8,6 +8,7 @@ tolerance. What differs is only where the arithmetic runs.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,17 +18,11 @@ import torch
 from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
 from executorch.extension.training import TrainingModule
 
-from fedmilm.adapters.space import State
 from fedmilm.data.chat import IGNORE, Batch, Example
+from fedmilm.export.job import JobResult, TrainJob
 from fedmilm.export.manifest import Manifest
-from fedmilm.export.ptd import adapter_to_ptd
-from fedmilm.training.local import (
-    DpSgd,
-    TrainStats,
-    batch_plan,
-    dp_sample_rate,
-    micro_batches,
-)
+from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
+from fedmilm.training.local import batch_plan, micro_batches
 
 
 @dataclass(frozen=True)
@@ -75,19 +70,18 @@ def pad_to_program(batch: Batch, *, rows: int, seq_len: int, pad_id: int) -> Bat
 class _Runtime:
     """The loaded programs of one local training and the adapter tensors they update."""
 
-    def __init__(self, programs: PhonePrograms, adapter: list[torch.Tensor]) -> None:
+    def __init__(self, programs: PhonePrograms, adapter_ptd: bytes) -> None:
         self.manifest = programs.manifest
-        names = [t.program_key for t in self.manifest.adapter]
-        # What the server sends. Kept referenced: the runtime reads the buffer, it does not copy.
-        self._ptd = adapter_to_ptd(self.manifest, dict(zip(self.manifest.peft_keys(), adapter,
-                                                           strict=True)))
+        self.names = [t.program_key for t in self.manifest.adapter]
+        state = ptd_to_adapter(self.manifest, adapter_ptd)  # refuses a .ptd for other programs
+        self.adapter = [state[k] for k in self.manifest.peft_keys()]
+        self._ptd = adapter_ptd  # kept referenced: the runtime reads the buffer, it does not copy
         self.train = TrainingModule(_load_for_executorch_from_buffer(programs.train, self._ptd))
         self.adamw = _load_for_executorch_from_buffer(programs.adamw)
         self.dp_grad = (None if programs.dp_grad is None
                         else _load_for_executorch_from_buffer(programs.dp_grad))
-        self.names, self.adapter = names, [t.clone() for t in adapter]
-        self.exp_avg = [torch.zeros_like(t) for t in adapter]
-        self.exp_avg_sq = [torch.zeros_like(t) for t in adapter]
+        self.exp_avg = [torch.zeros_like(t) for t in self.adapter]
+        self.exp_avg_sq = [torch.zeros_like(t) for t in self.adapter]
         self.steps = 0
 
     def gradients(self, part: Batch, weight: float) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -122,25 +116,21 @@ class _Runtime:
                 params[name].copy_(value)
 
 
-def train_with_programs(programs: PhonePrograms, state: State, examples: list[Example], *,
-                        epochs: int, batch_size: int, pad_id: int, seed: int,
-                        dp: DpSgd | None = None) -> tuple[State, TrainStats]:
-    """`fedmilm.training.local.train_local`, run by ExecuTorch. `state` holds every adapter
-    tensor the manifest lists (global and personal); returns them trained, with the stats."""
+def train_with_programs(programs: PhonePrograms, adapter_ptd: bytes, examples: list[Example],
+                        job: TrainJob, *, pad_id: int) -> tuple[bytes, JobResult]:
+    """Run one `TrainJob` through ExecuTorch: the phone's loop, step for step the eager
+    `fedmilm.training.local.train_local` (same batch plan, AdamW, Opacus clipping and noise
+    draws for the same seed). Returns the trained adapter as a `.ptd` and the job's result."""
     manifest = programs.manifest
-    keys = manifest.peft_keys()
-    missing = sorted(set(keys) - set(state))
-    if missing:
-        raise KeyError(f"the exported programs need {len(missing)} more adapter tensor(s), "
-                       f"e.g. {missing[0]!r}: was the bundle exported for another config?")
-    if dp is not None and programs.dp_grad is None:
+    if job.dp and programs.dp_grad is None:
         raise ValueError(f"{programs.folder} has no dp_grad.pte; re-export with sample-level DP")
     if not examples:
         raise ValueError("no training examples on this phone")
-    runtime = _Runtime(programs, [state[k].to(torch.float32) for k in keys])
+    runtime = _Runtime(programs, adapter_ptd)
+    seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(7), "little")
     generator = torch.Generator().manual_seed(seed)
-    plan = batch_plan(examples, epochs=epochs, batch_size=batch_size, pad_id=pad_id,
-                      generator=generator, dp=dp)
+    plan = batch_plan(examples, epochs=job.epochs, batch_size=job.batch_size, pad_id=pad_id,
+                      generator=generator, poisson=job.dp)
     rows, seq_len = manifest.micro_batch, manifest.seq_len
     started = time.perf_counter()
     loss_sum, done, seen, tokens = 0.0, 0, 0, 0
@@ -148,25 +138,20 @@ def train_with_programs(programs: PhonePrograms, state: State, examples: list[Ex
         torch.manual_seed(seed)  # DP noise draws from the global generator, as Opacus's do
         for batch in plan:
             done += 1
-            if batch is None:  # empty Poisson draw: charged, nothing else happens
-                assert dp is not None
-                dp.accountant.step(noise_multiplier=dp.noise_multiplier,
-                                   sample_rate=dp_sample_rate(len(examples),
-                                                              batch_size=batch_size))
+            if batch is None:  # empty Poisson draw: a step without an update
                 continue
             b = batch.input_ids.size(0)
             total: list[torch.Tensor] | None = None
             noise = None
-            if dp is not None:  # Opacus's draw order: one N(0, std) per tensor, per step
-                std = dp.noise_multiplier * dp.max_grad_norm
+            if job.dp:  # Opacus's draw order: one N(0, std) per tensor, per step
+                std = float(job.noise_multiplier) * float(job.max_grad_norm)  # type: ignore
                 noise = [torch.normal(0.0, std, size=t.shape) for t in runtime.adapter]
             for index, part in enumerate(micro_batches(batch, rows)):
                 padded = pad_to_program(part, rows=rows, seq_len=seq_len, pad_id=pad_id)
-                if dp is None:
+                if noise is None:
                     grads, loss = runtime.gradients(padded, 1.0 / b)
                     loss_sum += float(loss) * b
                 else:
-                    assert noise is not None
                     step_noise = noise if index == 0 else [torch.zeros_like(z) for z in noise]
                     grads, losses = runtime.dp_gradients(padded, step_noise)
                     loss_sum += float(losses.sum())
@@ -174,12 +159,10 @@ def train_with_programs(programs: PhonePrograms, state: State, examples: list[Ex
                                                                           strict=True)]
             assert total is not None
             runtime.apply_adamw(total)
-            if dp is not None:
-                dp.accountant.step(noise_multiplier=dp.noise_multiplier,
-                                   sample_rate=dp_sample_rate(len(examples),
-                                                              batch_size=batch_size))
             seen += b
             tokens += int(batch.attention_mask.sum())
-    trained = dict(zip(keys, runtime.adapter, strict=True))
-    return trained, TrainStats(loss=loss_sum / max(seen, 1), steps=done, examples=seen,
-                               tokens=tokens, seconds=time.perf_counter() - started)
+    result_ptd = adapter_to_ptd(manifest, dict(zip(manifest.peft_keys(), runtime.adapter,
+                                                   strict=True)))
+    return result_ptd, JobResult(steps=done, examples=seen, tokens=tokens,
+                                 loss=loss_sum / max(seen, 1),
+                                 seconds=time.perf_counter() - started)

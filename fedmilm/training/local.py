@@ -62,10 +62,10 @@ def _poisson_batches(examples: list[Example], *, sample_rate: float, steps: int,
 
 
 def batch_plan(examples: list[Example], *, epochs: int, batch_size: int, pad_id: int,
-               generator: torch.Generator, dp: DpSgd | None) -> Iterator[Batch | None]:
-    """The batches of one local training: shuffled epochs, or Poisson draws under DP-SGD.
+               generator: torch.Generator, poisson: bool) -> Iterator[Batch | None]:
+    """The batches of one local training: shuffled epochs, or Poisson draws (DP-SGD).
     Every runtime (eager, ExecuTorch) trains on exactly this plan for a given generator."""
-    if dp is None:
+    if not poisson:
         return (batch for _ in range(epochs)
                 for batch in batches(examples, batch_size=batch_size, pad_id=pad_id,
                                      generator=generator))
@@ -102,7 +102,7 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter],
     generator = torch.Generator().manual_seed(seed)
     module: torch.nn.Module = model
     plan = batch_plan(examples, epochs=epochs, batch_size=batch_size, pad_id=pad_id,
-                      generator=generator, dp=dp)
+                      generator=generator, poisson=dp is not None)
     dp_optimizer: DPOptimizer | None = None
     if dp is not None:
         sample_rate = dp_sample_rate(len(examples), batch_size=batch_size)

@@ -13,7 +13,13 @@ from fedmilm.adapters.space import AdapterSpace, State
 from fedmilm.config.schema import TrainConfig
 from fedmilm.data.chat import Example, batches
 from fedmilm.privacy.user_level import clip_update
-from fedmilm.training.local import DpSgd, TrainStats, train_local
+from fedmilm.training.local import (
+    DpSgd,
+    TrainStats,
+    dp_sample_rate,
+    planned_steps,
+    train_local,
+)
 from fedmilm.training.loss import mean_loss
 from fedmilm.training.memory import MemoryPlan, gradient_checkpointing
 
@@ -53,11 +59,9 @@ def train_phone(space: AdapterSpace, *, global_state: State, personal_state: Sta
     the eager model is not touched.
     """
     if programs is not None:
-        from fedmilm.export.runtime import train_with_programs
-
-        trained, stats = train_with_programs(
-            programs, {**global_state, **personal_state}, examples, epochs=train.epochs,
-            batch_size=train.batch_size, pad_id=space.tokenizer.pad_token_id, seed=seed, dp=dp)
+        trained, stats = _train_on_device(programs, {**global_state, **personal_state},
+                                          examples, train=train, seed=seed, dp=dp,
+                                          pad_id=space.tokenizer.pad_token_id)
         personal = {k: trained[k] for k in space.personal_keys}
     else:
         space.load(global_state)
@@ -74,6 +78,34 @@ def train_phone(space: AdapterSpace, *, global_state: State, personal_state: Sta
     if clip_norm is not None:
         update = clip_update(update, clip_norm)
     return TrainOutcome(update=update, personal=personal, stats=stats)
+
+
+def _train_on_device(programs: PhonePrograms, state: State, examples: list[Example], *,
+                     train: TrainConfig, seed: int, dp: DpSgd | None,
+                     pad_id: int) -> tuple[State, TrainStats]:
+    """Hand the on-device runtime a job and the adapter as a `.ptd`, read its `.ptd` back, and
+    charge the accountant here for every step the job ran (the runtime only executes)."""
+    from fedmilm.export.job import TrainJob
+    from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
+    from fedmilm.export.runtime import train_with_programs
+
+    job = TrainJob(round=0, epochs=train.epochs, batch_size=train.batch_size,
+                   sampling="poisson" if dp else "shuffle",
+                   noise_multiplier=dp.noise_multiplier if dp else None,
+                   max_grad_norm=dp.max_grad_norm if dp else None, seed=seed)
+    manifest = programs.manifest
+    result_ptd, result = train_with_programs(programs, adapter_to_ptd(manifest, state),
+                                             examples, job, pad_id=pad_id)
+    planned = planned_steps(len(examples), epochs=train.epochs, batch_size=train.batch_size)
+    if result.steps != planned:  # the ledger is charged for what was asked, never for less
+        raise RuntimeError(f"the on-device runtime ran {result.steps} steps, the job asked for "
+                           f"{planned}; its result is discarded")
+    if dp is not None:
+        dp.accountant.step(noise_multiplier=dp.noise_multiplier, num_steps=planned,
+                           sample_rate=dp_sample_rate(len(examples), batch_size=train.batch_size))
+    stats = TrainStats(loss=result.loss, steps=result.steps, examples=result.examples,
+                       tokens=result.tokens, seconds=result.seconds)
+    return ptd_to_adapter(manifest, result_ptd), stats
 
 
 def evaluate_phone(space: AdapterSpace, *, global_state: State, personal_state: State,

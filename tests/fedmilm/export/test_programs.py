@@ -10,11 +10,13 @@ from fedmilm.adapters import build_adapter_space
 from fedmilm.data.chat import IGNORE, Example, collate
 from fedmilm.export import PhonePrograms, export_bundle, train_with_programs
 from fedmilm.export.bundle import ensure_bundle
+from fedmilm.export.job import JobResult, TrainJob
 from fedmilm.export.manifest import Manifest
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter, read_ptd, write_ptd
 from fedmilm.export.runtime import pad_to_program
 from fedmilm.privacy import Accountant
-from fedmilm.training import DpSgd, per_example_loss, train_local
+from fedmilm.training import DpSgd, per_example_loss, train_local, train_phone
+from fedmilm.training.memory import MemoryPlan
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -65,34 +67,62 @@ def _assert_same_training(eager, programs_out, start):
         torch.testing.assert_close(programs_out[key], eager[key], rtol=1e-4, atol=5e-6)
 
 
+def _on_device(programs, state, examples, *, seed, dp=None, pad_id=0):
+    job = TrainJob(round=1, epochs=2, batch_size=BATCH, sampling="poisson" if dp else "shuffle",
+                   noise_multiplier=dp[0] if dp else None, max_grad_norm=dp[1] if dp else None,
+                   seed=seed)
+    job = TrainJob.from_json(job.to_json())  # what the phone reads
+    blob, result = train_with_programs(programs, adapter_to_ptd(programs.manifest, state),
+                                       examples, job, pad_id=pad_id)
+    return ptd_to_adapter(programs.manifest, blob), JobResult.from_json(result.to_json())
+
+
 def test_exported_training_matches_eager_peft(exported):
     cfg, space, start, programs, _ = exported
     examples = random_examples(10, seed=1)
     eager, stats = _eager(space, start, examples)
-    trained, et_stats = train_with_programs(programs, start, examples, epochs=2,
-                                            batch_size=BATCH, pad_id=space.tokenizer.pad_token_id,
-                                            seed=7)
+    trained, et_stats = _on_device(programs, start, examples, seed=7,
+                                   pad_id=space.tokenizer.pad_token_id)
     _assert_same_training(eager, trained, start)
     assert (et_stats.steps, et_stats.examples, et_stats.tokens) == (stats.steps, stats.examples,
                                                                     stats.tokens)
     assert et_stats.loss == pytest.approx(stats.loss, rel=1e-5)
 
 
-def test_exported_dp_step_matches_opacus(exported):
+def test_exported_dp_step_matches_opacus_through_the_phone_path(exported):
+    """`train_phone` eager (Opacus, micro-batches) vs `train_phone` through the programs."""
     cfg, space, start, programs, _ = exported
     examples = random_examples(12, seed=2)
-    eager_acc, et_acc = Accountant("prv"), Accountant("prv")
-    eager, _ = _eager(space, start, examples, dp=DpSgd(0.8, 1.0, eager_acc), seed=3)
-    trained, _ = train_with_programs(programs, start, examples, epochs=2, batch_size=BATCH,
-                                     pad_id=space.tokenizer.pad_token_id, seed=3,
-                                     dp=DpSgd(0.8, 1.0, et_acc))
-    _assert_same_training(eager, trained, start)
-    assert et_acc.history == eager_acc.history and et_acc.steps > 0
+    global_state = {k: start[k] for k in space.global_keys}
+    personal_state = {k: start[k] for k in space.personal_keys}
+    outcomes, accountants = [], []
+    for on_device in (False, True):
+        accountant = Accountant("prv")
+        outcomes.append(train_phone(
+            space, global_state=global_state, personal_state=personal_state, examples=examples,
+            train=cfg.train, seed=3, dp=DpSgd(0.8, 1.0, accountant),
+            plan=MemoryPlan(MICRO, False, 0), programs=programs if on_device else None))
+        accountants.append(accountant)
+    eager, device = outcomes
+    eager_state = {**{k: global_state[k] + v for k, v in eager.update.items()}, **eager.personal}
+    device_state = {**{k: global_state[k] + v for k, v in device.update.items()},
+                    **device.personal}
+    _assert_same_training(eager_state, device_state, start)
+    assert accountants[1].history == accountants[0].history and accountants[0].steps > 0
+    assert device.stats.steps == eager.stats.steps
     # Another noise draw (seed) gives another result: the noise really enters the step.
-    other, _ = train_with_programs(programs, start, examples, epochs=2, batch_size=BATCH,
-                                   pad_id=space.tokenizer.pad_token_id, seed=4,
-                                   dp=DpSgd(0.8, 1.0, Accountant("prv")))
-    assert max(float((other[k] - trained[k]).abs().max()) for k in start) > 1e-4
+    other, _ = _on_device(programs, start, examples, seed=4, dp=(0.8, 1.0))
+    mine, _ = _on_device(programs, start, examples, seed=3, dp=(0.8, 1.0))
+    assert max(float((other[k] - mine[k]).abs().max()) for k in start) > 1e-4
+
+
+def test_jobs_are_validated():
+    with pytest.raises(ValueError, match="sampling=poisson only"):
+        TrainJob(round=1, epochs=1, batch_size=2, sampling="poisson", noise_multiplier=None,
+                 max_grad_norm=None)
+    with pytest.raises(ValueError, match="not one of"):
+        TrainJob(round=1, epochs=1, batch_size=2, sampling="random", noise_multiplier=None,
+                 max_grad_norm=None)
 
 
 def test_dp_program_adds_the_supplied_noise_divided_by_the_expected_batch(exported):

@@ -1,0 +1,142 @@
+"""Peak memory and speed of one phone's local training step at MiLM-1.3B scale.
+
+Each configuration runs in a fresh process (peak RSS is per process): the phone builds the bf16
+base, wraps it with LoRA and runs `fedmilm.training.train_local` (the one training loop) for one
+warm-up and `--steps` measured steps. Rows: gradient checkpointing off/on x DP-SGD off/on at
+micro-batch = batch = 2, then what the planner picks for `client.memory_budget_mb` with a
+batch of 8. Each row also shows the planner's estimate, to check it stays above the measurement.
+
+    python benchmarks/memory_budget.py [--steps N] [--budget-mb MB] [hydra overrides...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from fedmilm.runtime import quiet_offline_env
+
+quiet_offline_env()
+
+import torch  # noqa: E402
+from _common import config, machine, median, write_section  # noqa: E402
+
+from fedmilm.adapters import build_adapter_space  # noqa: E402
+from fedmilm.data import IGNORE  # noqa: E402
+from fedmilm.data.chat import Example  # noqa: E402
+from fedmilm.privacy import Accountant  # noqa: E402
+from fedmilm.training import DpSgd, train_local  # noqa: E402
+from fedmilm.training.memory import (  # noqa: E402
+    estimate_peak_bytes,
+    gradient_checkpointing,
+    plan_memory,
+)
+
+GIB = 2**30
+
+
+def _examples(count: int, seq: int, vocab: int) -> list[Example]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (seq,), generator=gen).tolist()
+        out.append(Example(ids, [IGNORE] * (seq // 2) + ids[seq // 2:]))
+    return out
+
+
+def child(args: argparse.Namespace, overrides: list[str]) -> None:
+    """One configuration, in this process; prints one JSON line."""
+    cfg = config(overrides)
+    space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=0)
+    model = space.model
+    if args.budget_mb is not None:
+        plan = plan_memory(model, budget_mb=args.budget_mb, batch_size=args.batch,
+                           seq_len=args.seq, micro_batch=None, checkpointing="auto", dp=args.dp)
+        micro, ckpt = plan.micro_batch, plan.checkpointing
+    else:
+        micro, ckpt = args.batch, args.checkpointing
+    estimate = estimate_peak_bytes(model, micro_batch=micro, seq_len=args.seq,
+                                   checkpointing=ckpt, dp=args.dp)
+    examples = _examples(args.batch * (args.steps + 1), args.seq, len(space.tokenizer))
+    times, tokens = [], []
+    with gradient_checkpointing(model, ckpt):
+        for step in range(args.steps + 1):
+            chunk = examples[step * args.batch:(step + 1) * args.batch]
+            dp = DpSgd(1.0, 1.0, Accountant("prv")) if args.dp else None
+            stats = train_local(model, space.trainable_parameters(), chunk, epochs=1,
+                                batch_size=args.batch, lr=1e-4, weight_decay=0.0,
+                                pad_id=space.tokenizer.pad_token_id, seed=step, dp=dp,
+                                micro_batch=micro)
+            if step and stats.tokens:  # step 0 warms up
+                times.append(stats.seconds)
+                tokens.append(stats.tokens)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"micro": micro, "checkpointing": ckpt, "dp": args.dp, "rss": rss,
+                      "estimate": estimate,
+                      "tokens_per_s": median([n / t for n, t in zip(tokens, times, strict=True)])}))
+
+
+def _run(argv: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--budget-mb", type=float, default=None)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--dp", action="store_true")
+    parser.add_argument("--child", action="store_true")
+    args, overrides = parser.parse_known_args()
+    overrides = overrides or ["model=milm-1.3b"]
+    if args.child:
+        child(args, overrides)
+        return
+    budget = args.budget_mb or 3584
+    base = ["--steps", str(args.steps), "--seq", str(args.seq)]
+    rows = []
+    started = time.perf_counter()
+    for ckpt in (False, True):
+        for dp in (False, True):
+            flags = [*base, "--batch", "2", *(["--checkpointing"] if ckpt else []),
+                     *(["--dp"] if dp else [])]
+            rows.append(("batch 2", _run([*flags, *overrides])))
+            print(rows[-1], flush=True)
+    for dp in (False, True):
+        flags = [*base, "--batch", "8", "--budget-mb", str(budget), *(["--dp"] if dp else [])]
+        rows.append((f"batch 8, budget {budget:g} MiB", _run([*flags, *overrides])))
+        print(rows[-1], flush=True)
+    lines = [
+        "## Memory budget: one client step at `milm-1.3b` scale",
+        "",
+        f"Command: `python benchmarks/memory_budget.py --steps {args.steps} "
+        f"{' '.join(overrides)}` (bf16 base built directly in bf16, LoRA r=8 on q_proj/v_proj "
+        f"in fp32, {args.seq}-token rows, AdamW; DP = Opacus hooks, per-example clipping). "
+        f"Machine: {machine()}. Each row is a fresh process: peak RSS is the whole process "
+        f"(Python, libraries, weights, training). Tokens/s: median of {args.steps} steps after a "
+        f"warm-up. Estimate: `fedmilm.training.memory.estimate_peak_bytes`, what the planner "
+        f"compares with `client.memory_budget_mb`. Total {time.perf_counter() - started:.0f} s.",
+        "",
+        "| setting | micro-batch | checkpointing | DP | peak RSS GiB | estimate GiB | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['micro']} | {'on' if r['checkpointing'] else 'off'} | "
+                     f"{'yes' if r['dp'] else 'no'} | {r['rss'] / GIB:.2f} | "
+                     f"{r['estimate'] / GIB:.2f} | {r['tokens_per_s']:.1f} |")
+    write_section("memory-budget-milm-1.3b", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
