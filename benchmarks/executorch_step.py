@@ -49,13 +49,14 @@ def main() -> None:
         manifest, timings = export_bundle(space, cfg, Path(tmp) / "export", with_dp=args.dp)
         export_s = time.perf_counter() - started
         programs = PhonePrograms.load(Path(tmp) / "export")
+    print(f"exported in {export_s:.0f} s: {timings}", flush=True)
     gen = torch.Generator().manual_seed(0)
     examples = []
     for _ in range(args.batch):
         ids = torch.randint(0, len(space.tokenizer), (seq,), generator=gen).tolist()
         examples.append(Example(ids, [IGNORE] * (seq // 2) + ids[seq // 2:]))
     state = space.initial_state(tuple(space.initial))
-    job = TrainJob(round=1, epochs=1, batch_size=args.batch, sampling="shuffle",
+    job = TrainJob(epochs=1, batch_size=args.batch, sampling="shuffle",
                    noise_multiplier=None, max_grad_norm=None, seed=1)
     eager_s, device_s, load_s = [], [], []
     for rep in range(args.reps + 1):  # rep 0 warms both up
@@ -67,6 +68,8 @@ def main() -> None:
         _, result = train_with_programs(programs, adapter_to_ptd(manifest, state), examples,
                                         job, pad_id=pad)
         total = time.perf_counter() - called
+        print(f"rep {rep}: eager {stats.seconds:.2f} s, ExecuTorch {result.seconds:.2f} s "
+              f"(+{total - result.seconds:.2f} s loading)", flush=True)
         if rep:
             eager_s.append(stats.seconds)
             device_s.append(result.seconds)

@@ -109,6 +109,11 @@ def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
     `with_dp` (default: whether sample-level DP is configured) adds `dp_grad.pte`.
     """
     with_dp = cfg.privacy.sample_level if with_dp is None else with_dp
+    if cfg.model.dtype == "bfloat16":
+        log.warning("exporting a bfloat16 base: ExecuTorch 1.5.1 runs bf16 matrix products with "
+                    "its portable kernels, ~10x slower than float32 on this CPU "
+                    "(BENCHMARKS.md); model.dtype=float32 is the faster choice for "
+                    "client.runtime=executorch")
     micro, seq_len = micro_batch_of(cfg), cfg.data.max_length
     params = dict(zip(space.initial, space.trainable_parameters(), strict=True))
     keys = list(params)

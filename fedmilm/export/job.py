@@ -23,7 +23,6 @@ SAMPLING = ("shuffle", "poisson")
 class TrainJob:
     """One local training, as the runtime receives it."""
 
-    round: int
     epochs: int
     batch_size: int
     sampling: str                   # shuffle: epochs of shuffled batches | poisson: DP-SGD draws

@@ -84,10 +84,11 @@ class _Runtime:
         self.exp_avg_sq = [torch.zeros_like(t) for t in self.adapter]
         self.steps = 0
 
-    def gradients(self, part: Batch, weight: float) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Gradients of sum_i weight * loss_i over one padded micro-batch, and its losses."""
+    def gradients(self, part: Batch, real: int, weight: float) -> tuple[list[torch.Tensor],
+                                                                        torch.Tensor]:
+        """Gradients of sum_i weight * loss_i over the `real` leading rows of one padded
+        micro-batch (padded rows weigh 0), and that weighted loss."""
         rows = self.manifest.micro_batch
-        real = int((part.labels != IGNORE).any(dim=1).sum())
         weights = torch.zeros(rows)
         weights[:real] = weight
         loss = self.train.forward_backward("forward", (part.input_ids, part.attention_mask,
@@ -149,7 +150,7 @@ def train_with_programs(programs: PhonePrograms, adapter_ptd: bytes, examples: l
             for index, part in enumerate(micro_batches(batch, rows)):
                 padded = pad_to_program(part, rows=rows, seq_len=seq_len, pad_id=pad_id)
                 if noise is None:
-                    grads, loss = runtime.gradients(padded, 1.0 / b)
+                    grads, loss = runtime.gradients(padded, part.input_ids.size(0), 1.0 / b)
                     loss_sum += float(loss) * b
                 else:
                     step_noise = noise if index == 0 else [torch.zeros_like(z) for z in noise]

@@ -22,7 +22,7 @@ import torch
 from fedmilm.config.schema import FedMilmConfig
 
 MIB = 2**20
-RUNTIME_BYTES = 512 * MIB  # Python + torch + transformers + peft + opacus (424 MiB measured) + slack
+RUNTIME_BYTES = 512 * MIB  # Python + torch + transformers + peft + opacus: 424 MiB measured
 SAFETY = 1.3               # headroom over the per-token activation count below
 
 

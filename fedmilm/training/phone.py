@@ -89,7 +89,7 @@ def _train_on_device(programs: PhonePrograms, state: State, examples: list[Examp
     from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
     from fedmilm.export.runtime import train_with_programs
 
-    job = TrainJob(round=0, epochs=train.epochs, batch_size=train.batch_size,
+    job = TrainJob(epochs=train.epochs, batch_size=train.batch_size,
                    sampling="poisson" if dp else "shuffle",
                    noise_multiplier=dp.noise_multiplier if dp else None,
                    max_grad_norm=dp.max_grad_norm if dp else None, seed=seed)

@@ -42,7 +42,9 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> int:
 
 
 def test_tls_authenticated_federation_runs_and_refuses_strangers(tmp_path):
-    cfg = tiny_config(*SMALL)
+    """Also the deployment-engine check of `client.runtime=executorch`: the ServerApp exports
+    the programs once and every SuperNode's ClientApp trains through them."""
+    cfg = tiny_config(*SMALL, "client.runtime=executorch")
     run_dir = tmp_path / "run"
     (run_dir).mkdir()
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -72,6 +74,8 @@ def test_tls_authenticated_federation_runs_and_refuses_strangers(tmp_path):
     assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
     assert rows[-1]["loss_global"] < rows[-1]["loss_base"]
     assert (run_dir / "global_adapter" / "adapter_model.safetensors").exists()
+    assert (run_dir / "export" / "manifest.json").is_file()
+    assert (run_dir / "global_adapter.ptd").is_file()
     assert (run_dir / "checkpoints" / "round_0002").is_dir()
     for device in ("0", "1"):  # each SuperNode kept its personal part in its own folder
         assert (run_dir / "devices" / device / "personal_adapter.safetensors").exists()

@@ -68,7 +68,7 @@ def _assert_same_training(eager, programs_out, start):
 
 
 def _on_device(programs, state, examples, *, seed, dp=None, pad_id=0):
-    job = TrainJob(round=1, epochs=2, batch_size=BATCH, sampling="poisson" if dp else "shuffle",
+    job = TrainJob(epochs=2, batch_size=BATCH, sampling="poisson" if dp else "shuffle",
                    noise_multiplier=dp[0] if dp else None, max_grad_norm=dp[1] if dp else None,
                    seed=seed)
     job = TrainJob.from_json(job.to_json())  # what the phone reads
@@ -118,10 +118,10 @@ def test_exported_dp_step_matches_opacus_through_the_phone_path(exported):
 
 def test_jobs_are_validated():
     with pytest.raises(ValueError, match="sampling=poisson only"):
-        TrainJob(round=1, epochs=1, batch_size=2, sampling="poisson", noise_multiplier=None,
+        TrainJob(epochs=1, batch_size=2, sampling="poisson", noise_multiplier=None,
                  max_grad_norm=None)
     with pytest.raises(ValueError, match="not one of"):
-        TrainJob(round=1, epochs=1, batch_size=2, sampling="random", noise_multiplier=None,
+        TrainJob(epochs=1, batch_size=2, sampling="random", noise_multiplier=None,
                  max_grad_norm=None)
 
 

@@ -47,7 +47,6 @@ data class BundleManifest(
 }
 
 data class TrainJob(
-    val round: Int,
     val epochs: Int,
     val batchSize: Int,
     val poisson: Boolean,
@@ -60,7 +59,6 @@ data class TrainJob(
             require(j.getInt("version") == 1) { "unsupported job version" }
             val poisson = j.getString("sampling") == "poisson"
             return TrainJob(
-                round = j.getInt("round"),
                 epochs = j.getInt("epochs"),
                 batchSize = j.getInt("batch_size"),
                 poisson = poisson,
