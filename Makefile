@@ -31,3 +31,5 @@ benchmark: install
 	$(BIN)/python benchmarks/dp_step.py
 	$(BIN)/python benchmarks/dp_step.py --batch 2 model=milm-1.3b
 	$(BIN)/python benchmarks/simulation_throughput.py $(ARGS)
+	$(BIN)/python benchmarks/memory_budget.py
+	$(BIN)/python benchmarks/executorch_step.py model.dtype=float32
