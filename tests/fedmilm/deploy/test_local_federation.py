@@ -33,6 +33,15 @@ def _alive(pattern: str) -> list[str]:
     return [line for line in done.stdout.splitlines() if "pgrep" not in line]
 
 
+def _gone(pattern: str, within: float) -> list[str]:
+    """Processes matching `pattern` still alive after `within` seconds (Flower's app processes
+    exit on their own once their parent is gone, polling every 0.2 s)."""
+    deadline = time.monotonic() + within
+    while (alive := _alive(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return alive
+
+
 def _wait_exit(proc: subprocess.Popen, timeout: float) -> int:
     try:
         return proc.wait(timeout=timeout)
@@ -42,9 +51,7 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> int:
 
 
 def test_tls_authenticated_federation_runs_and_refuses_strangers(tmp_path):
-    """Also the deployment-engine check of `client.runtime=executorch`: the ServerApp exports
-    the programs once and every SuperNode's ClientApp trains through them."""
-    cfg = tiny_config(*SMALL, "client.runtime=executorch")
+    cfg = tiny_config(*SMALL)
     run_dir = tmp_path / "run"
     (run_dir).mkdir()
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -74,13 +81,10 @@ def test_tls_authenticated_federation_runs_and_refuses_strangers(tmp_path):
     assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
     assert rows[-1]["loss_global"] < rows[-1]["loss_base"]
     assert (run_dir / "global_adapter" / "adapter_model.safetensors").exists()
-    assert (run_dir / "export" / "manifest.json").is_file()
-    assert (run_dir / "global_adapter.ptd").is_file()
     assert (run_dir / "checkpoints" / "round_0002").is_dir()
     for device in ("0", "1"):  # each SuperNode kept its personal part in its own folder
         assert (run_dir / "devices" / device / "personal_adapter.safetensors").exists()
-    time.sleep(1)
-    assert _alive(str(run_dir)) == []  # no SuperLink, SuperNode or SuperExec left
+    assert _gone(str(run_dir), within=30) == []  # no SuperLink, SuperNode or SuperExec left
     with pytest.raises(OSError):  # and the port is free again
         import socket
 
