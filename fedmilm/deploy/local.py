@@ -19,7 +19,13 @@ from pathlib import Path
 from fedmilm import protocol
 from fedmilm.config import FedMilmConfig, to_yaml
 from fedmilm.deploy.credentials import Credentials, create_credentials
-from fedmilm.deploy.processes import ProcessGroup, free_port, log_tail, wait_for_port
+from fedmilm.deploy.processes import (
+    ProcessGroup,
+    free_port,
+    kill_strays,
+    log_tail,
+    wait_for_port,
+)
 from fedmilm.runtime import OFFLINE_ENV
 
 log = logging.getLogger("fedmilm.deploy")
@@ -183,6 +189,9 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         self.processes.stop_all()
+        strays = kill_strays(str(self.layout.root))
+        if strays:
+            log.info("stopped %d Flower app process(es) left behind", len(strays))
 
     # ---- start-up
     def _credentials(self) -> Credentials:

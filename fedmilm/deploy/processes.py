@@ -74,6 +74,30 @@ class ProcessGroup:
         self.children.clear()
 
 
+def kill_strays(marker: str) -> list[int]:
+    """SIGKILL every other process whose command line contains `marker` (Linux /proc).
+
+    Flower's SuperExec starts ServerApp/ClientApp processes in sessions of their own, out of
+    reach of a process-group signal; they exit when their parent dies, but one interrupted
+    mid-start-up can linger. Every such process names our run's credentials folder, so the
+    run directory is a safe marker."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
     try:
         os.killpg(proc.pid, sig)
