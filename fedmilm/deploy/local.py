@@ -162,9 +162,13 @@ class FlwrCli:
                         print(line, end="", flush=True)
                 return proc.wait()
             finally:
-                if proc.poll() is None:
+                if proc.poll() is None:  # interrupted: stop the stream, by force if it must
                     proc.terminate()
-                    proc.wait(timeout=10)
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
 
 
 class LocalFederation:
