@@ -22,7 +22,7 @@ from fedmilm.devices import policy_of
 from fedmilm.privacy import BudgetExceeded, PrivacyLedger
 from fedmilm.runtime import quiet_offline_env
 from fedmilm.training import evaluate_phone, train_phone
-from fedmilm.training.memory import MemoryBudgetError, plan_for
+from fedmilm.training.memory import MemoryBudgetError
 
 quiet_offline_env()
 log = logging.getLogger("fedmilm.client")
@@ -68,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
         programs = phone.programs()
     else:
         try:
-            plan = plan_for(cfg, space.model)
+            plan = phone.memory_plan()
         except MemoryBudgetError as err:
             log.warning("phone declines to train: %s", err)
             return _declined(msg, protocol.DECLINED_MEMORY, ledger)

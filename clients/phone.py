@@ -22,6 +22,7 @@ from fedmilm.clients.storage import DeviceStorage
 from fedmilm.config import FedMilmConfig, load_config
 from fedmilm.data import Example, encode_all, load_user
 from fedmilm.model import load_tokenizer
+from fedmilm.training.memory import MemoryPlan, plan_for
 
 if TYPE_CHECKING:  # ExecuTorch is imported only by phones that run it
     from fedmilm.export.runtime import PhonePrograms
@@ -50,6 +51,13 @@ def _examples(config_text: str, user: int) -> tuple[list[Example], list[Example]
     data = load_user(cfg.data, user=user, seed=cfg.seed)
     return (encode_all(tokenizer, data.train, max_length),
             encode_all(tokenizer, data.heldout, max_length))
+
+
+@lru_cache(maxsize=8)
+def _plan(config_text: str, rank: int | None) -> MemoryPlan:
+    """The memory plan depends only on the config and the tier's model: once per process."""
+    cfg = _config(config_text)
+    return plan_for(cfg, _space(cfg, rank).model)
 
 
 # Held-out loss of the frozen base model per (config, user): it can never change within a run.
@@ -82,6 +90,10 @@ class Phone:
     def base_loss(self) -> float | None:
         """This phone's base-model held-out loss if this process computed it before."""
         return _BASE_LOSSES.get((self.config_text, self.user))
+
+    def memory_plan(self) -> MemoryPlan:
+        """Micro-batch and checkpointing for this phone; raises `MemoryBudgetError`."""
+        return _plan(self.config_text, self.rank)
 
     def remember_base_loss(self, value: float) -> None:
         _BASE_LOSSES[(self.config_text, self.user)] = value

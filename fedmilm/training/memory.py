@@ -39,10 +39,10 @@ class MemoryPlan:
     estimated_bytes: int
 
 
-def _shapes(model: torch.nn.Module) -> tuple[int, int, int, int, int]:
+def _shapes(model: torch.nn.Module) -> tuple[int, int, int, int]:
     config = model.config
     return (config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-            config.vocab_size, config.num_attention_heads)
+            config.vocab_size)
 
 
 def _lora_inputs(model: torch.nn.Module) -> int:
@@ -62,7 +62,7 @@ def estimate_peak_bytes(model: torch.nn.Module, *, micro_batch: int, seq_len: in
     vocabulary entry: 16-bit logits, fp32 copy, log-softmax and its gradient). DP adds each
     LoRA input in fp32 and per-example gradients.
     """
-    hidden, inter, layers, vocab, _ = _shapes(model)
+    hidden, inter, layers, vocab = _shapes(model)
     act = model.get_input_embeddings().weight.element_size()  # the frozen base's dtype
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
