@@ -20,7 +20,7 @@ import pytest
 from fedmilm.config import to_yaml
 from fedmilm.deploy.credentials import create_credentials
 from fedmilm.deploy.local import LocalFederation, cli_config, node_config, remote_cli
-from fedmilm.deploy.processes import log_tail
+from fedmilm.deploy.processes import kill_strays, log_tail
 from tests.conftest import tiny_config
 
 SMALL = ["federation.num_clients=2", "federation.clients_per_round=2", "federation.rounds=2",
@@ -91,26 +91,38 @@ def test_tls_authenticated_federation_runs_and_refuses_strangers(tmp_path):
         socket.create_connection((host, port), timeout=2).close()
 
 
+def _ctrl_c_enabled() -> None:
+    """Restore SIGINT's default in the child: a suite started in the background by a
+    non-interactive shell (`make test &`, nohup) ignores SIGINT, every child inherits that,
+    and Python then never turns SIGINT into KeyboardInterrupt; Ctrl-C at a terminal does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_every_process(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([*DEPLOY, "model=tiny", *SMALL, "federation.rounds=20",
                              f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if "local federation up" in line:
-            break
-    else:
-        pytest.fail("".join(lines[-30:]))
-    assert len(_alive(str(run_dir))) >= 3  # SuperLink and two SuperNodes were running
-    os.kill(proc.pid, signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, rest[-2000:]
-    assert "continue with fedmilm-deploy resume=" in rest
-    time.sleep(1)
-    assert _alive(str(run_dir)) == []
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_ctrl_c_enabled)
+    try:
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "local federation up" in line:
+                break
+        else:
+            pytest.fail("".join(lines[-30:]))
+        assert len(_alive(str(run_dir))) >= 3  # SuperLink and two SuperNodes were running
+        os.kill(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, rest[-2000:]
+        assert "continue with fedmilm-deploy resume=" in rest
+        time.sleep(1)
+        assert _alive(str(run_dir)) == []
+    finally:  # a failed check must not leave a 20-round federation running for the suite
+        proc.kill()
+        kill_strays(str(run_dir))
 
 
 def test_insecure_mode_must_be_asked_for_and_configs_are_well_formed(tmp_path):
