@@ -47,7 +47,7 @@ from fedmilm.server.messages import (
     round_config,
 )
 from fedmilm.server.secure import secure_mean
-from fedmilm.training.memory import plan_for
+from fedmilm.training.memory import MemoryPlan, plan_for
 
 log = logging.getLogger("fedmilm.server")
 
@@ -214,6 +214,14 @@ def _start_state(cfg: FedMilmConfig, space: AdapterSpace, aggregator: Aggregator
     return state
 
 
+def phone_memory_plan(cfg: FedMilmConfig) -> MemoryPlan:
+    """The micro-batch and checkpointing eager phones will use; `MemoryBudgetError` when
+    `client.memory_budget_mb` fits nothing. Cheap to repeat: the model is loaded once."""
+    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                 seed=cfg.seed)
+    return plan_for(cfg, space.model)
+
+
 def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
     """Run every round (after the last checkpoint when resuming), checkpoint each one, and write
     the run directory; returns the final global part."""
@@ -230,7 +238,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
         config_text = to_yaml(replace(cfg, client=replace(cfg.client,
                                                           export_dir=str(export_dir))))
     else:
-        plan = plan_for(cfg, space.model)  # a budget nothing fits stops here, not on phones
+        plan = phone_memory_plan(cfg)  # a budget nothing fits stops here, not on phones
         log.info("phones train with micro-batch %d, gradient checkpointing %s (estimated peak "
                  "%.0f MiB)", plan.micro_batch, "on" if plan.checkpointing else "off",
                  plan.estimated_bytes / 2**20)

@@ -65,18 +65,28 @@ def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
     from flwr.simulation import run_simulation
 
     prepare_run(cfg, run_dir)
+    if cfg.client.runtime == "eager":
+        _check_memory_budget(cfg)
     server_app = load_component(SERVER_FACTORY)(to_yaml(cfg), str(run_dir))
     started = time.perf_counter()
     if cfg.federation.ray_address:
         attach_ray(cfg.federation.ray_address)
+    run_simulation(server_app=server_app, client_app=load_component(CLIENT_APP),
+                   num_supernodes=cfg.federation.num_clients,
+                   backend_config=backend_config(cfg))
+    report_run(cfg, run_dir, started)
+
+
+def _check_memory_budget(cfg: FedMilmConfig) -> None:
+    """Stop with one line, before Ray starts, when no micro-batch fits `client.memory_budget_mb`
+    (the ServerApp, which runs in this process, reuses the loaded model)."""
+    from fedmilm.server.federation import phone_memory_plan
+
     try:
-        run_simulation(server_app=server_app, client_app=load_component(CLIENT_APP),
-                       num_supernodes=cfg.federation.num_clients,
-                       backend_config=backend_config(cfg))
-    except MemoryBudgetError as err:  # raised by the ServerApp before round 1
+        phone_memory_plan(cfg)
+    except MemoryBudgetError as err:
         print(f"fedmilm: memory budget error: {err}", file=sys.stderr)
         sys.exit(2)
-    report_run(cfg, run_dir, started)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")

@@ -32,6 +32,9 @@ log = logging.getLogger("fedmilm.deploy")
 
 CONNECTION = "fedmilm"  # the connection name in the flwr CLI's config.toml
 APP_DIR = Path(__file__).resolve().parents[2]  # the project (pyproject.toml = the Flower app)
+# What `flwr run` packages into the app bundle (FAB). Flower walks the whole folder it is given,
+# .venv included (~65k files, 5-15 s per run), so the run is submitted from a copy of these.
+APP_PARTS = ("pyproject.toml", "fedmilm", "server", "clients", "conf")
 
 
 def _tool(name: str) -> str:
@@ -113,6 +116,23 @@ def remote_cli(cfg: FedMilmConfig, run_dir: Path) -> FlwrCli:
     return FlwrCli(Layout(run_dir), str(cfg.deploy.connect), ca_cert, child_env())
 
 
+def stage_app(dest: Path) -> Path:
+    """A fresh copy of the Flower app's files in `dest`, for `flwr run` to package."""
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise RuntimeError(f"{APP_DIR} has no pyproject.toml: submitting a run needs fedmilm "
+                           "installed from its source checkout (pip install -e .)")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "android")
+    for part in APP_PARTS:
+        source = APP_DIR / part
+        if source.is_dir():
+            shutil.copytree(source, dest / part, ignore=skip)
+        else:
+            shutil.copy2(source, dest / part)
+    return dest
+
+
 def run_config_toml(cfg: FedMilmConfig, run_dir: Path) -> str:
     """The run config file for `flwr run --run-config` (JSON strings are valid TOML)."""
     return (f"{protocol.RUN_CONFIG} = {json.dumps(to_yaml(cfg))}\n"
@@ -149,7 +169,8 @@ class FlwrCli:
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         run_config = self.layout.root / "run_config.toml"
         run_config.write_text(run_config_toml(cfg, server_run_dir))
-        argv = [_tool("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config",
+        app = stage_app(self.layout.root / "app")
+        argv = [_tool("flwr"), "run", str(app), CONNECTION, "--run-config",
                 str(run_config), "--stream"]
         with open(self.layout.logs / "run.log", "w", encoding="utf-8") as out:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -123,7 +123,8 @@ def test_both_privacy_levels_are_accounted_and_reported(tmp_path):
 def test_audit_runs_each_mode_and_writes_its_table(tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", "from fedmilm.cli.audit import main; main()", *SMALL,
-         "federation.clients_per_round=4", "audit.modes=[none,sample]", "audit.canary_users=2",
+         "federation.clients_per_round=4", "federation.rounds=1",
+         "audit.modes=[none,sample]", "audit.canary_users=2",
          "audit.candidates=31", "audit.mia_per_phone=2", "privacy.sample.target_epsilon=100",
          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
