@@ -214,12 +214,16 @@ def _start_state(cfg: FedMilmConfig, space: AdapterSpace, aggregator: Aggregator
     return state
 
 
+def run_space(cfg: FedMilmConfig) -> AdapterSpace:
+    """The run's adapter space, loaded once per process."""
+    return cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                seed=cfg.seed)
+
+
 def phone_memory_plan(cfg: FedMilmConfig) -> MemoryPlan:
     """The micro-batch and checkpointing eager phones will use; `MemoryBudgetError` when
     `client.memory_budget_mb` fits nothing. Cheap to repeat: the model is loaded once."""
-    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
-                                 seed=cfg.seed)
-    return plan_for(cfg, space.model)
+    return plan_for(cfg, run_space(cfg).model)
 
 
 def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
@@ -229,8 +233,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text, storage_root = to_yaml(cfg), str(run_dir / "devices")
     fingerprint = config_fingerprint(to_yaml(replace(cfg, resume=None)))
-    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
-                                 seed=cfg.seed)
+    space = run_space(cfg)
     if cfg.client.runtime == "executorch":  # phones get the programs' folder in their config
         from fedmilm.export.bundle import ensure_bundle
 

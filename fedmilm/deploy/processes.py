@@ -78,9 +78,10 @@ def kill_strays(marker: str) -> list[int]:
     """SIGKILL every other process whose command line contains `marker` (Linux /proc).
 
     Flower's SuperExec starts ServerApp/ClientApp processes in sessions of their own, out of
-    reach of a process-group signal; they exit when their parent dies, but one interrupted
-    mid-start-up can linger. Every such process names our run's credentials folder, so the
-    run directory is a safe marker."""
+    reach of a process-group signal. They stop themselves with SIGINT once their parent is
+    gone, which does nothing when SIGINT is ignored (inherited from a shell that started us in
+    the background). Every such process names our run's folders, so the run directory is a
+    safe marker."""
     killed = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
