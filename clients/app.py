@@ -1,42 +1,48 @@
 """The Flower ClientApp: a phone's train and evaluate handlers.
 
-Thin by design: unpack the message, call `fedmilm.training`, keep the personal part in device
-storage, reply with the global update and metrics only. No training text, no personal tensor and
-no raw loss per example ever goes into a reply or a log line.
+Thin by design: unpack the message, check the request against the phone's own privacy policy,
+call `fedmilm.training`, keep the personal part in device storage, reply with the global update.
+Under differential privacy the reply carries the clipped update and nothing else derived from
+private data (no losses, counts, tokens, timings or epsilon). No training text, no personal
+tensor and no raw loss per example ever goes into a reply or a log line.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmilm import protocol
+from fedmilm.adapters import State
 from fedmilm.adapters.hetero import pad, truncate
 from fedmilm.clients.conditions import read_conditions
-from fedmilm.clients.phone import phone_for
-from fedmilm.clients.privacy import LEDGER_FILE, dp_sgd_for, open_ledger
+from fedmilm.clients.phone import Phone, phone_for
+from fedmilm.clients.privacy import LEDGER_FILE, dp_sgd_for, open_ledger, sample_noise_for
 from fedmilm.clients.secure import secure_aggregation_mod
+from fedmilm.config import FedMilmConfig
 from fedmilm.devices import policy_of
-from fedmilm.privacy import BudgetExceeded, PrivacyLedger
+from fedmilm.metrics.diagnostics import EVALUATE, TRAIN, write_diagnostic
+from fedmilm.privacy import BudgetExceeded, LedgerError, PrivacyLedger
+from fedmilm.privacy.policy import POLICY_FILE
+from fedmilm.privacy.user_level import upload_clip_norm
 from fedmilm.runtime import quiet_offline_env
-from fedmilm.training import evaluate_phone, train_phone
+from fedmilm.training import DpSgd, evaluate_phone, train_phone
 from fedmilm.training.memory import MemoryBudgetError
 
 quiet_offline_env()
 log = logging.getLogger("fedmilm.client")
-app = ClientApp()
 
 
 def _declined(msg: Message, code: int, ledger: PrivacyLedger | None = None) -> Message:
     values: dict[str, int | float] = {protocol.DECLINED: code}
     if ledger is not None:
-        values[protocol.EPSILON_SAMPLE] = ledger.epsilon
+        values[protocol.LEDGER_TRAININGS] = ledger.trainings
     return Message(content=RecordDict({protocol.METRICS: MetricRecord(values)}), reply_to=msg)
 
 
-@app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Announce this phone's device id (its partition id), so sampling and per-phone metrics
     stay stable when node ids change (a new simulation, a restarted server)."""
@@ -45,24 +51,50 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
 
-@app.train(mods=[secure_aggregation_mod])
+def _privacy_for(phone: Phone, num_examples: int) -> tuple[int, PrivacyLedger | None,
+                                                            DpSgd | None]:
+    """(decline code or 0, ledger, DP-SGD) after checking the run against the phone's own
+    policy and ledger."""
+    cfg = phone.cfg
+    try:
+        policy = phone.policy()
+        noise = sample_noise_for(cfg, policy, num_examples) if cfg.privacy.sample_level else None
+    except ValueError as err:
+        log.warning("phone declines to train: %s", err)
+        return protocol.DECLINED_POLICY, None, None
+    refusal = policy.refusal(cfg.privacy, noise)
+    if refusal is not None:
+        log.warning("phone declines to train: %s", refusal)
+        return protocol.DECLINED_POLICY, None, None
+    if not cfg.privacy.sample_level:
+        return 0, None, None
+    try:
+        ledger = open_ledger(cfg, policy, phone.storage)
+    except LedgerError as err:
+        log.warning("phone refuses to train: %s", err)
+        return protocol.DECLINED_LEDGER, None, None
+    try:
+        assert noise is not None
+        dp = dp_sgd_for(cfg, ledger, num_examples, noise=noise,
+                        test_seed=phone.dp_test_seed(policy))
+    except BudgetExceeded as err:
+        log.info("phone declines to train: %s", err)
+        return protocol.DECLINED_BUDGET, ledger, None
+    return 0, ledger, dp
+
+
 def train(msg: Message, context: Context) -> Message:
     """Train on the phone's private data; reply with the update of the global part."""
     phone = phone_for(msg, context)
-    if phone.cfg.device.check_conditions:
-        refusal = policy_of(phone.cfg.device).refusal(read_conditions())
+    cfg, space, (examples, _) = phone.cfg, phone.space, phone.examples()
+    if cfg.device.check_conditions:
+        refusal = policy_of(cfg.device).refusal(read_conditions())
         if refusal is not None:
             log.info("phone declines to train: %s", refusal)
             return _declined(msg, protocol.DECLINED_CONDITIONS)
-    cfg, space, (examples, _) = phone.cfg, phone.space, phone.examples()
-    ledger, dp = None, None
-    if cfg.privacy.sample_level:
-        ledger = open_ledger(cfg, phone.storage.folder)
-        try:
-            dp = dp_sgd_for(cfg, ledger, len(examples))
-        except BudgetExceeded as err:
-            log.info("phone declines to train: %s", err)
-            return _declined(msg, protocol.DECLINED_BUDGET, ledger)
+    code, ledger, dp = _privacy_for(phone, len(examples))
+    if code:
+        return _declined(msg, code, ledger)
     programs, plan = None, None
     if cfg.client.runtime == "executorch":
         programs = phone.programs()
@@ -77,20 +109,27 @@ def train(msg: Message, context: Context) -> Message:
     outcome = train_phone(space, global_state=received,
                           personal_state=phone.storage.load_personal(space),
                           examples=examples, train=cfg.train, seed=phone.task_seed, dp=dp,
-                          clip_norm=cfg.privacy.user.clip_norm if cfg.privacy.user_level else None,
+                          clip_norm=_upload_clip(cfg, full) if cfg.privacy.user_level else None,
                           plan=plan, programs=programs)
     if ledger is not None:  # the ledger is saved before anything derived from training leaves
+        ledger.trainings += 1
         ledger.save(phone.storage.folder / LEDGER_FILE)
     phone.storage.save_personal(space, outcome.personal)
+    recorded = phone.storage.ledger_trainings()
+    phone.storage.record_training(ledger.trainings if ledger is not None
+                                  else max(recorded or 0, 0))
     stats = outcome.stats
-    metrics = MetricRecord({
-        protocol.NUM_EXAMPLES: len(examples),
-        protocol.TRAIN_LOSS: float(stats.loss),
-        protocol.TRAIN_STEPS: stats.steps,
-        protocol.TRAIN_TOKENS: stats.tokens,
-        protocol.TRAIN_SECONDS: float(stats.seconds),
-        **({protocol.EPSILON_SAMPLE: ledger.epsilon} if ledger is not None else {}),
-    })
+    private = {protocol.NUM_EXAMPLES: len(examples), protocol.TRAIN_LOSS: float(stats.loss),
+               protocol.TRAIN_STEPS: stats.steps, protocol.TRAIN_TOKENS: stats.tokens,
+               protocol.TRAIN_SECONDS: float(stats.seconds)}
+    if not cfg.privacy.any_dp:
+        metrics = MetricRecord(private)
+    else:  # only what the accountant covers leaves; the simulator may keep the rest locally
+        metrics = MetricRecord({} if ledger is None
+                               else {protocol.LEDGER_TRAININGS: ledger.trainings})
+        if phone.diagnostics_dir is not None:
+            write_diagnostic(phone.diagnostics_dir, phone.server_round, TRAIN, phone.user,
+                             {**private, "epsilon_sample": ledger.epsilon if ledger else None})
     update = outcome.update
     if phone.rank is not None:  # zero-padded back to the server's rank
         update = pad(update, full)
@@ -100,10 +139,23 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
+def _upload_clip(cfg: FedMilmConfig, full: State) -> float:
+    """The norm a user-level update is clipped to before it leaves: the accounted clip, less
+    SecAgg+'s worst-case quantisation error so the dequantised sum stays within it."""
+    agg = cfg.aggregation
+    return upload_clip_norm(cfg.privacy.user.clip_norm,
+                            num_values=sum(v.numel() for v in full.values()),
+                            secagg_clip_range=agg.secagg_clip_range if agg.secure else None,
+                            secagg_quant_range=agg.secagg_quant_range if agg.secure else None)
+
+
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out losses of base, base + global and base + global + personal."""
+    """Held-out losses of base, base + global and base + global + personal. Under DP they are
+    not released: a simulated phone leaves them for the researcher on its own disk, a deployed
+    phone declines."""
     phone = phone_for(msg, context)
+    if phone.cfg.privacy.any_dp and phone.diagnostics_dir is None:
+        return _declined(msg, protocol.DECLINED_POLICY)
     space, (_, heldout) = phone.space, phone.examples()
     received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
     if phone.rank is not None:
@@ -119,5 +171,42 @@ def evaluate(msg: Message, context: Context) -> Message:
         values[protocol.LOSS_PERSONAL] = outcome.loss_personal
     if phone.rank is not None:
         values[protocol.LORA_RANK] = phone.rank
+    if phone.cfg.privacy.any_dp:
+        assert phone.diagnostics_dir is not None
+        write_diagnostic(phone.diagnostics_dir, phone.server_round, EVALUATE, phone.user, values)
+        values = {}
     content = RecordDict({protocol.METRICS: MetricRecord(values)})
     return Message(content=content, reply_to=msg)
+
+
+def simulated_phone_mod(device_root: str, diagnostics_dir: str):  # noqa: ANN201 - a Flower mod
+    """The node config a simulated phone would have on a real device: its own storage folder
+    under `device_root`, its own policy file there, and the simulator's diagnostics folder.
+    (Flower's simulation engine sets only the partition id.)"""
+    def mod(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+        device = str(context.node_config[protocol.PARTITION_ID])
+        own = Path(device_root) / device
+        policy = own / POLICY_FILE
+        context.node_config[protocol.DEVICE_DIR] = str(own)
+        context.node_config[protocol.PRIVACY_POLICY] = str(
+            policy if policy.is_file() else Path(device_root) / POLICY_FILE)
+        context.node_config[protocol.DIAGNOSTICS_DIR] = diagnostics_dir
+        return call_next(msg, context)
+
+    return mod
+
+
+def make_client_app(device_root: str | None = None,
+                    diagnostics_dir: str | None = None) -> ClientApp:
+    """The phone app. Deployment: `app` below (node config from the SuperNode). Simulation:
+    bound to the simulated phones' storage root and the diagnostics folder."""
+    mods = [] if device_root is None else [simulated_phone_mod(device_root,
+                                                               str(diagnostics_dir))]
+    client = ClientApp(mods=mods)
+    client.query()(identify)
+    client.train(mods=[secure_aggregation_mod])(train)
+    client.evaluate()(evaluate)
+    return client
+
+
+app = make_client_app()

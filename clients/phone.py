@@ -22,6 +22,7 @@ from fedmilm.clients.storage import DeviceStorage
 from fedmilm.config import FedMilmConfig, load_config
 from fedmilm.data import Example, encode_all, load_user
 from fedmilm.model import load_tokenizer
+from fedmilm.privacy.policy import PhonePolicy, read_policy
 from fedmilm.training.memory import MemoryPlan, plan_for
 
 if TYPE_CHECKING:  # ExecuTorch is imported only by phones that run it
@@ -73,6 +74,8 @@ class Phone:
     storage: DeviceStorage
     server_round: int
     rank: int | None = None  # heterogeneous ranks: this phone's tier rank (None: lora.r)
+    policy_path: Path | None = None      # its own privacy policy (node config)
+    diagnostics_dir: Path | None = None  # simulation only: where the simulator reads results
 
     @property
     def cfg(self) -> FedMilmConfig:
@@ -111,22 +114,41 @@ class Phone:
 
     @property
     def task_seed(self) -> int:
-        """Distinct per (run seed, round, user), identical on a rerun."""
+        """Distinct per (run seed, round, user), identical on a rerun: seeds shuffling and
+        LoRA dropout, never DP randomness (see `dp_test_seed`)."""
         return (self.cfg.seed * 1_000_003 + self.server_round * 10_007 + self.user) % 2**31
+
+    def policy(self) -> PhonePolicy:
+        """This phone's own privacy policy; `ValueError` when its node config names none."""
+        if self.policy_path is None:
+            raise ValueError(f"no '{protocol.PRIVACY_POLICY}' in this phone's node config")
+        return read_policy(self.policy_path)
+
+    def dp_test_seed(self, policy: PhonePolicy) -> int | None:
+        """A seed for DP randomness only when the run asks for it (tests) and this phone's
+        own policy allows it (simulation); None means the CSPRNG."""
+        seeded = self.cfg.privacy.seeded_noise and policy.allow_seeded_noise
+        return self.task_seed if seeded else None
 
 
 def phone_for(msg: Message, context: Context) -> Phone:
-    """Resolve config, user and storage for this message."""
+    """Resolve config, user, storage and policy for this message. Storage and policy come
+    from the phone's own node config only: a phone never writes where the server says."""
     config = msg.content.config_records[protocol.CONFIG]
-    user = int(context.node_config[protocol.PARTITION_ID])
-    if protocol.DEVICE_DIR in context.node_config:
-        folder = Path(str(context.node_config[protocol.DEVICE_DIR]))
-    else:
-        folder = Path(str(config[protocol.STORAGE_ROOT])) / str(user)
+    node = context.node_config
+    user = int(node[protocol.PARTITION_ID])
+    if protocol.DEVICE_DIR not in node:
+        raise ValueError(f"no '{protocol.DEVICE_DIR}' in this phone's node config: it does not "
+                         "know where its own storage is")
     config_text = str(config[protocol.RUN_CONFIG])
     tiers = _config(config_text).lora.rank_by_tier
-    declared = context.node_config.get(protocol.DEVICE_TIER)
+    declared = node.get(protocol.DEVICE_TIER)
     tier = tier_of(user, tiers, None if declared is None else str(declared))
-    return Phone(config_text=config_text, user=user, storage=DeviceStorage(folder),
+    policy = node.get(protocol.PRIVACY_POLICY)
+    diagnostics = node.get(protocol.DIAGNOSTICS_DIR)
+    return Phone(config_text=config_text, user=user,
+                 storage=DeviceStorage(Path(str(node[protocol.DEVICE_DIR]))),
                  server_round=int(config[protocol.SERVER_ROUND]),
-                 rank=None if tier is None else tiers[tier])
+                 rank=None if tier is None else tiers[tier],
+                 policy_path=None if policy is None else Path(str(policy)),
+                 diagnostics_dir=None if diagnostics is None else Path(str(diagnostics)))

@@ -1,4 +1,5 @@
-"""A phone's own storage: its personal adapter, which never leaves the device."""
+"""A phone's own storage: its personal adapter, which never leaves the device, and a record of
+how many DP-SGD trainings its privacy ledger had charged when it last trained."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fedmilm.adapters.space import AdapterSpace, State
 
 PERSONAL_FILE = "personal_adapter.safetensors"
 META_FILE = "personal_adapter.json"
+TRAINED_FILE = "trained.json"
 
 
 def _fingerprint(space: AdapterSpace) -> str:
@@ -49,3 +51,22 @@ class DeviceStorage:
         save_file({k: v.contiguous() for k, v in personal.items()}, str(tmp))
         (self.folder / META_FILE).write_text(json.dumps({"layout": _fingerprint(space)}))
         os.replace(tmp, self.folder / PERSONAL_FILE)
+
+    def record_training(self, ledger_trainings: int) -> None:
+        """Mark that this phone holds trained state, with its ledger's training count then
+        (0 without DP-SGD): a ledger later found missing or behind it was lost or rolled back."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{TRAINED_FILE}.tmp"
+        tmp.write_text(json.dumps({"ledger_trainings": ledger_trainings}))
+        os.replace(tmp, self.folder / TRAINED_FILE)
+
+    def ledger_trainings(self) -> int | None:
+        """The ledger's training count at the last training; None if the phone never trained
+        and -1 if it holds a personal adapter but no such record (its history is unknown)."""
+        path = self.folder / TRAINED_FILE
+        if path.is_file():
+            try:
+                return int(json.loads(path.read_text())["ledger_trainings"])
+            except (ValueError, KeyError, TypeError):
+                return -1
+        return -1 if (self.folder / PERSONAL_FILE).is_file() else None

@@ -12,7 +12,6 @@ CONFIG = "config"
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "fedmilm-config"  # the validated run config as YAML (model, LoRA, data, training)
 RUN_DIR = "run-dir"            # deployment run config only: where the ServerApp writes outputs
-STORAGE_ROOT = "storage-root"  # simulation only: where virtual phones keep their device storage
 
 # MetricRecord key and its fields
 METRICS = "metrics"
@@ -24,18 +23,26 @@ TRAIN_SECONDS = "train-seconds"
 LOSS_BASE = "loss-base"
 LOSS_GLOBAL = "loss-global"
 LOSS_PERSONAL = "loss-personal"   # absent when the mode has no personal part
-EPSILON_SAMPLE = "epsilon-sample" # the phone's cumulative DP-SGD epsilon (sample-level DP only)
+LEDGER_TRAININGS = "ledger-trainings"  # DP-SGD: trainings the phone's ledger has charged (the
+                                       # server knows them; a decrease means a reset ledger)
 LORA_RANK = "lora-rank"           # heterogeneous ranks: the rank the phone trained/evaluated at
 DEVICE_ID = "device-id"           # query reply: the phone's stable pseudonym (its partition id)
 DECLINED = "declined"             # the phone declined to train, with one of these codes:
 DECLINED_BUDGET = 1               #   its DP-SGD privacy budget is spent
 DECLINED_CONDITIONS = 2           #   its device policy says no (not charging, metered, hot, ...)
 DECLINED_MEMORY = 3               #   training cannot fit client.memory_budget_mb
+DECLINED_POLICY = 4               #   the run asks for less privacy than its own policy allows
+DECLINED_LEDGER = 5               #   its privacy ledger is missing, corrupt or rolled back
 DECLINE_REASONS = {DECLINED_BUDGET: "its DP-SGD budget is spent",
                    DECLINED_CONDITIONS: "its device policy says no",
-                   DECLINED_MEMORY: "training does not fit its memory budget"}
+                   DECLINED_MEMORY: "training does not fit its memory budget",
+                   DECLINED_POLICY: "the run's privacy settings fall short of its own policy",
+                   DECLINED_LEDGER: "its privacy ledger is missing, corrupt or rolled back"}
 
 # node_config keys
 PARTITION_ID = "partition-id"     # set by Flower's simulation engine; the phone's user index
-DEVICE_DIR = "device-dir"         # deployment: the phone's own storage folder
+DEVICE_DIR = "device-dir"         # the phone's own storage folder (its personal adapter, ledger)
+PRIVACY_POLICY = "privacy-policy" # the phone's own privacy policy file (JSON, PhonePolicy)
+DIAGNOSTICS_DIR = "diagnostics-dir"  # simulation only: where a virtual phone leaves results
+                                     # for the researcher, outside the wire (and the guarantee)
 DEVICE_TIER = "device-tier"       # deployment: the phone's tier in lora.rank_by_tier

@@ -17,17 +17,19 @@ from omegaconf import OmegaConf
 from fedmilm import protocol
 from fedmilm.config import load_config
 from fedmilm.runtime import quiet_offline_env
-from fedmilm.server.federation import run_federation
+from fedmilm.server.federation import DIAGNOSTICS, run_federation
 
 
 def make_server_app(config_text: str, run_dir: str) -> ServerApp:
-    """A ServerApp bound to one validated run config (YAML) and its run directory."""
+    """A simulation's ServerApp bound to one validated run config (YAML) and its run directory;
+    its virtual phones leave per-phone diagnostics in `run_dir/diagnostics` under DP."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         quiet_offline_env()
-        run_federation(grid, load_config(OmegaConf.create(config_text)), Path(run_dir))
+        run_federation(grid, load_config(OmegaConf.create(config_text)), Path(run_dir),
+                       diagnostics=Path(run_dir) / DIAGNOSTICS)
 
     return app
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from fedmilm.adapters import State
 
 KEEP = 2
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = "round_"
 
 
@@ -33,7 +33,9 @@ class ServerState:
     global_state: State
     sampler: random.Random
     aggregator: dict[str, Any]
-    epsilon_sample: dict[int, float]   # device id -> its latest DP-SGD epsilon
+    ledger_trainings: dict[int, int]   # sample-level DP (without user-level): device id -> the
+                                       # ledger count it last reported (a decrease is flagged)
+    epsilon_sample_max: float | None = None  # simulation diagnostics: largest phone epsilon
 
 
 def config_fingerprint(config_text: str) -> str:
@@ -71,7 +73,8 @@ def save_checkpoint(folder: Path, state: ServerState, *, fingerprint: str) -> Pa
     save_file(tensors, str(tmp / "global.safetensors"))
     meta = {"version": FORMAT_VERSION, "round": state.round, "config": fingerprint,
             "sampler": _sampler_to_json(state.sampler), "aggregator": state.aggregator,
-            "epsilon_sample": {str(k): v for k, v in state.epsilon_sample.items()}}
+            "ledger_trainings": {str(k): v for k, v in state.ledger_trainings.items()},
+            "epsilon_sample_max": state.epsilon_sample_max}
     with open(tmp / "server.json", "w", encoding="utf-8") as handle:
         json.dump(meta, handle)
         handle.flush()
@@ -103,5 +106,6 @@ def load_checkpoint(path: Path, *, fingerprint: str) -> ServerState:
                        global_state=load_file(str(path / "global.safetensors")),
                        sampler=_sampler_from_json(meta["sampler"]),
                        aggregator=meta["aggregator"],
-                       epsilon_sample={int(k): float(v)
-                                       for k, v in meta["epsilon_sample"].items()})
+                       ledger_trainings={int(k): int(v)
+                                         for k, v in meta["ledger_trainings"].items()},
+                       epsilon_sample_max=meta["epsilon_sample_max"])

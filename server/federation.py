@@ -6,21 +6,24 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
+from fedmilm import protocol
 from fedmilm.adapters import AdapterSpace, State, cached_adapter_space, save_global_adapter
 from fedmilm.aggregation import Aggregator, apply_update, create_aggregator
 from fedmilm.config import FedMilmConfig, to_yaml
 from fedmilm.devices import availability_for, policy_of
 from fedmilm.metrics import (
+    DIAGNOSTICS_LABEL,
     ClientEval,
     RoundRecord,
     append_record,
     format_progress,
+    interrupted_record,
     losses_by_rank,
     mean_or_none,
     plot_clients,
@@ -28,6 +31,9 @@ from fedmilm.metrics import (
     plot_privacy,
     read_records,
 )
+from fedmilm.metrics.diagnostics import EVALUATE as DIAG_EVALUATE
+from fedmilm.metrics.diagnostics import TRAIN as DIAG_TRAIN
+from fedmilm.metrics.diagnostics import read_diagnostics
 from fedmilm.server.checkpoint import (
     ServerState,
     config_fingerprint,
@@ -40,6 +46,7 @@ from fedmilm.server.messages import (
     TRAIN,
     TrainReplies,
     build_messages,
+    client_eval,
     collect_device_ids,
     collect_evals,
     collect_updates,
@@ -52,6 +59,7 @@ from fedmilm.training.memory import MemoryPlan, plan_for
 log = logging.getLogger("fedmilm.server")
 
 CHECKPOINTS = "checkpoints"
+DIAGNOSTICS = "diagnostics"  # simulation: per-phone results virtual phones leave under DP
 NODE_WAIT_S = 120.0  # how long to wait for the simulated/deployed phones to register
 
 
@@ -72,42 +80,61 @@ def wait_for_nodes(grid: Grid, *, wanted: int, needed: int) -> list[int]:
 
 
 def _warn_risky(cfg: FedMilmConfig) -> None:
-    if not cfg.privacy.user_level and not cfg.privacy.sample_level:
+    if not cfg.privacy.any_dp:
         log.warning("differential privacy is off (privacy=none): updates are not clipped or "
                     "noised; use privacy=sample|user|both for formal guarantees")
     elif cfg.privacy.seeded_noise:
-        log.warning("privacy.seeded_noise=true: DP noise is reproducible from the seed; for "
-                    "tests only, never for real users")
+        log.warning("privacy.seeded_noise=true: DP randomness is reproducible from the seed, so "
+                    "anyone with the config can replay it: no guarantee holds; tests only")
 
 
 def _round_record(server_round: int, *, cohort: list[int], outcome: TrainOutcome,
                   evals: list[ClientEval], bytes_down: int, started: float,
-                  aggregator: Aggregator, epsilon_sample: dict[int, float],
-                  cfg: FedMilmConfig) -> RoundRecord:
+                  aggregator: Aggregator, state: ServerState, cfg: FedMilmConfig,
+                  trained: dict[int, dict] | None) -> RoundRecord:
+    """The round's line. Under user-level DP, counts of who took part are not released (null);
+    under any DP, per-phone training statistics come only from simulator diagnostics
+    (`trained`), labelled as outside the guarantee, and never from the wire."""
     replies, skipped = outcome.replies, outcome.step is None
-    accepted = replies.accepted
-    seconds = sum(u.seconds for u in accepted)
-    dp = cfg.privacy.user_level or cfg.privacy.sample_level
+    secret = cfg.privacy.user_level
+    dp = cfg.privacy.any_dp
+    if dp:
+        stats = list((trained or {}).values())
+        losses = [t[protocol.TRAIN_LOSS] for t in stats]
+        tokens = sum(t[protocol.TRAIN_TOKENS] for t in stats)
+        seconds = sum(t[protocol.TRAIN_SECONDS] for t in stats)
+    else:
+        losses = [u.train_loss for u in replies.accepted]
+        tokens = sum(u.tokens or 0 for u in replies.accepted)
+        seconds = sum(u.seconds or 0.0 for u in replies.accepted)
     return RoundRecord(
-        round=server_round, clients=0 if skipped else outcome.contributors,
+        round=server_round, clients=None if secret else 0 if skipped else outcome.contributors,
         sampled=len(cohort),
-        rejected=replies.rejected, declined=replies.declined,
-        train_loss=mean_or_none([u.train_loss for u in accepted]),
+        rejected=None if secret else replies.rejected,
+        declined=None if secret else replies.declined,
+        train_loss=mean_or_none(losses),
         loss_base=mean_or_none([e.loss_base for e in evals]),
         loss_global=mean_or_none([e.loss_global for e in evals]),
         loss_personal=mean_or_none([e.loss_personal for e in evals]),
-        bytes_up=outcome.bytes_up, bytes_down=bytes_down,
+        bytes_up=None if secret else outcome.bytes_up, bytes_down=bytes_down,
         seconds=time.perf_counter() - started,
-        tokens_per_s=sum(u.tokens for u in accepted) / seconds if seconds > 0 else None,
+        tokens_per_s=tokens / seconds if seconds > 0 else None,
         epsilon_user=aggregator.epsilon(),
-        epsilon_sample_max=max(epsilon_sample.values()) if epsilon_sample else None,
+        epsilon_sample_max=state.epsilon_sample_max,
         delta=cfg.privacy.delta if dp else None,
         accountant=cfg.privacy.accountant if dp else None,
         per_client=evals, skipped=skipped, loss_by_rank=losses_by_rank(evals),
+        seeded_noise=dp and cfg.privacy.seeded_noise,
+        diagnostics=DIAGNOSTICS_LABEL if dp and trained is not None else None,
+        ledger_decreases=outcome.ledger_decreases,
     )
 
 
-def _finish(space: AdapterSpace, global_state: State, cfg: FedMilmConfig, run_dir: Path) -> None:
+def _finish(space: AdapterSpace, global_state: State, cfg: FedMilmConfig, run_dir: Path,
+            *, completed: int, stopped_because: str | None) -> None:
+    (run_dir / "summary.json").write_text(json.dumps({
+        "rounds_planned": cfg.federation.rounds, "rounds_completed": completed,
+        "stopped_early_because": stopped_because}))
     base = cfg.model.path or cfg.model.name
     save_global_adapter(space, global_state, run_dir / "global_adapter", base_model=base)
     records = read_records(run_dir / "metrics.jsonl")
@@ -129,8 +156,8 @@ class Wiring:
     whole run, so it is computed once."""
 
     config_text: str               # the validated run config as YAML
-    storage_root: str              # simulation: where virtual phones keep device storage
     devices: dict[int, int]        # node id -> device id
+    diagnostics: Path | None       # simulation: where virtual phones leave per-phone results
 
 
 @dataclass
@@ -141,6 +168,7 @@ class TrainOutcome:
     replies: TrainReplies
     contributors: int
     bytes_up: int
+    ledger_decreases: int | None = None
 
 
 def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round: int,
@@ -148,30 +176,49 @@ def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round
     """Send the global part, validate every reply, aggregate what passes."""
     fed = cfg.federation
     train_msgs = build_messages(cohort, message_type=TRAIN, global_state=state.global_state,
-                                server_round=server_round, config_text=wiring.config_text,
-                                storage_root=wiring.storage_root)
+                                server_round=server_round, config_text=wiring.config_text)
     replies = list(grid.send_and_receive(train_msgs, timeout=fed.round_timeout_s))
+    secret = cfg.privacy.user_level  # who took part is secret from log readers
     sorted_replies = collect_updates(replies, state.global_state, devices=wiring.devices,
-                                     max_norm=aggregator.max_update_norm)
+                                     max_norm=aggregator.max_update_norm,
+                                     dp=cfg.privacy.any_dp, quiet=secret)
     missing = len(cohort) - len(replies)
-    if missing:
+    if missing and not secret:
         log.warning("round %d: %d phone(s) did not reply within federation.round_timeout_s="
                     "%g s; left out", server_round, missing, fed.round_timeout_s)
     sorted_replies.rejected += missing
-    state.epsilon_sample.update(sorted_replies.epsilon_sample)
     accepted = sorted_replies.accepted
     ranks = [u.rank or cfg.lora.r for u in accepted] if cfg.lora.rank_by_tier else None
     step = aggregator.aggregate([u.update for u in accepted], [u.num_examples for u in accepted],
                                 state.global_state, ranks=ranks)
     return TrainOutcome(step=step, replies=sorted_replies, contributors=len(accepted),
-                        bytes_up=sum(u.nbytes for u in accepted))
+                        bytes_up=sum(u.nbytes for u in accepted),
+                        ledger_decreases=None if secret else _track_ledgers(state,
+                                                                            sorted_replies))
+
+
+def _track_ledgers(state: ServerState, replies: TrainReplies) -> int | None:
+    """Keep each device's reported DP-SGD ledger count and flag a decrease (its budget was
+    reset). Not under user-level DP: the server keeps nothing per phone there."""
+    if not replies.ledger_trainings:
+        return None
+    decreases = 0
+    for device, count in replies.ledger_trainings.items():
+        before = state.ledger_trainings.get(device)
+        if before is not None and count < before:
+            decreases += 1
+            log.warning("device %d reports %d DP-SGD trainings in its privacy ledger, fewer than "
+                        "the %d it reported before: its ledger was reset or rolled back",
+                        device, count, before)
+        state.ledger_trainings[device] = count
+    return decreases
 
 
 def _train_secure(grid: Grid, cohort: list[int], state: ServerState, server_round: int,
                   aggregator: Aggregator, cfg: FedMilmConfig, wiring: Wiring) -> TrainOutcome:
     """SecAgg+: the server sees only the mean; per-phone validation is impossible by design
     (SecAgg+ bounds each coordinate to +-secagg_clip_range instead)."""
-    config = round_config(server_round, wiring.config_text, wiring.storage_root)
+    config = round_config(server_round, wiring.config_text)
     result = secure_mean(grid, cohort, global_state=state.global_state, config=config,
                          server_round=server_round, agg=cfg.aggregation,
                          timeout=cfg.federation.round_timeout_s)
@@ -195,7 +242,7 @@ def _start_state(cfg: FedMilmConfig, space: AdapterSpace, aggregator: Aggregator
     """A fresh state, or the last checkpoint's when `cfg.resume` is set."""
     fresh = ServerState(round=0, global_state=space.initial_state(space.global_keys),
                         sampler=random.Random(f"fedmilm-sampling:{cfg.seed}"),
-                        aggregator=aggregator.state_dict(), epsilon_sample={})
+                        aggregator=aggregator.state_dict(), ledger_trainings={})
     metrics_path = run_dir / "metrics.jsonl"
     if not cfg.resume:
         metrics_path.unlink(missing_ok=True)
@@ -207,9 +254,12 @@ def _start_state(cfg: FedMilmConfig, space: AdapterSpace, aggregator: Aggregator
         return fresh
     state = load_checkpoint(path, fingerprint=fingerprint)
     aggregator.load_state_dict(state.aggregator)
-    if metrics_path.exists():  # rounds after the checkpoint ran partly or not at all: redo them
-        kept = [r for r in read_records(metrics_path) if r["round"] <= state.round]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    kept = [r for r in read_records(metrics_path) if r["round"] <= state.round] \
+        if metrics_path.exists() else []  # rounds after the checkpoint: redone
+    lines = [json.dumps(r) for r in kept]
+    if not kept or kept[-1]["round"] < state.round:  # accounted and released, never recorded
+        lines.append(json.dumps(asdict(interrupted_record(state.round))))
+    metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     log.info("resume: continuing after round %d from %s", state.round, path)
     return state
 
@@ -226,12 +276,51 @@ def phone_memory_plan(cfg: FedMilmConfig) -> MemoryPlan:
     return plan_for(cfg, run_space(cfg).model)
 
 
-def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
+def _evaluate(grid: Grid, state: ServerState, server_round: int, cfg: FedMilmConfig,
+              wiring: Wiring, population: list[int]) -> list[ClientEval]:
+    """Held-out losses per phone. Without DP they travel in the evaluate replies. Under DP
+    nothing derived from private held-out data is released: a simulation's virtual phones
+    leave their losses on the researcher's disk (diagnostics, labelled as outside the
+    guarantee); a deployment does not evaluate on phones at all."""
+    fed = cfg.federation
+    if cfg.privacy.any_dp and wiring.diagnostics is None:
+        return []
+    node_of = {device: node for node, device in wiring.devices.items()}
+    eval_devices = (population if fed.clients_per_eval is None
+                    else sorted(state.sampler.sample(population, fed.clients_per_eval)))
+    eval_msgs = build_messages([node_of[d] for d in eval_devices], message_type=EVALUATE,
+                               global_state=state.global_state, server_round=server_round,
+                               config_text=wiring.config_text)
+    replies = list(grid.send_and_receive(eval_msgs, timeout=fed.round_timeout_s))
+    if not cfg.privacy.any_dp:
+        return collect_evals(replies, wiring.devices)
+    assert wiring.diagnostics is not None
+    left = read_diagnostics(wiring.diagnostics, server_round, DIAG_EVALUATE, eval_devices)
+    parsed = [client_eval(device, values) for device, values in left.items()]
+    return sorted((e for e in parsed if isinstance(e, ClientEval)), key=lambda e: e.device)
+
+
+def _trained_diagnostics(cfg: FedMilmConfig, wiring: Wiring, state: ServerState,
+                         server_round: int, cohort_devices: list[int]) -> dict[int, dict] | None:
+    """Under DP in simulation: what the cohort's virtual phones left on disk about their
+    training (outside the wire); keeps the largest phone epsilon seen."""
+    if not cfg.privacy.any_dp or wiring.diagnostics is None:
+        return None
+    trained = read_diagnostics(wiring.diagnostics, server_round, DIAG_TRAIN, cohort_devices)
+    epsilons = [t["epsilon_sample"] for t in trained.values() if t.get("epsilon_sample")]
+    if epsilons:
+        state.epsilon_sample_max = max([*epsilons, state.epsilon_sample_max or 0.0])
+    return trained
+
+
+def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
+                   diagnostics: Path | None = None) -> State:
     """Run every round (after the last checkpoint when resuming), checkpoint each one, and write
-    the run directory; returns the final global part."""
+    the run directory; returns the final global part. `diagnostics`: simulation only, the
+    folder where virtual phones leave per-phone results under DP."""
     fed = cfg.federation
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_text, storage_root = to_yaml(cfg), str(run_dir / "devices")
+    config_text = to_yaml(cfg)
     fingerprint = config_fingerprint(to_yaml(replace(cfg, resume=None)))
     space = run_space(cfg)
     if cfg.client.runtime == "executorch":  # phones get the programs' folder in their config
@@ -250,7 +339,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
     devices = discover_devices(grid, wait_for_nodes(grid, wanted=fed.num_clients,
                                                     needed=fed.clients_per_round),
                                timeout=fed.round_timeout_s)
-    wiring = Wiring(config_text, storage_root, devices)
+    wiring = Wiring(config_text, devices, diagnostics)
     node_of = {device: node for node, device in devices.items()}
     trace, policy = availability_for(cfg), policy_of(cfg.device)
     population = sorted(node_of)  # sampling is over device ids: stable across restarts
@@ -259,17 +348,19 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
     log.info("federation: %d phones, %d per round, %d rounds, personalization=%s, privacy=%s, "
              "%d global tensors", len(population), fed.clients_per_round, fed.rounds,
              cfg.personalization.mode, cfg.privacy.mode, len(space.global_keys))
+    stopped_because = None
     for server_round in range(state.round + 1, fed.rounds + 1):
         if not aggregator.may_continue():
-            log.warning("stopping before round %d: it would exceed "
-                        "privacy.user.target_epsilon=%g", server_round,
-                        cfg.privacy.user.target_epsilon)
+            stopped_because = (f"the next round would exceed privacy.user.target_epsilon="
+                               f"{cfg.privacy.user.target_epsilon:g}")
+            log.warning("stopping before round %d: %s", server_round, stopped_because)
             break
         started = time.perf_counter()
         # ---- train: sample, send the global part, collect and validate updates
         eligible = population if trace is None else trace.available(
             population, server_round, policy, cfg.device.slots_per_round)
-        cohort = [node_of[d] for d in aggregator.cohort(eligible, state.sampler)]
+        cohort_devices = aggregator.cohort(eligible, state.sampler)
+        cohort = [node_of[d] for d in cohort_devices]
         outcome = (_train_secure(grid, cohort, state, server_round, aggregator, cfg, wiring)
                    if cfg.aggregation.secure else
                    _train_plain(grid, cohort, state, server_round, aggregator, cfg, wiring))
@@ -278,30 +369,27 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path) -> State:
                         server_round, outcome.contributors, fed.min_replies)
         else:
             state.global_state = apply_update(state.global_state, outcome.step)
-        # ---- evaluate: held-out losses on the phones
-        eval_devices = (population if fed.clients_per_eval is None
-                        else sorted(state.sampler.sample(population, fed.clients_per_eval)))
-        eval_msgs = build_messages([node_of[d] for d in eval_devices], message_type=EVALUATE,
-                                   global_state=state.global_state, server_round=server_round,
-                                   config_text=config_text, storage_root=storage_root)
-        evals = collect_evals(list(grid.send_and_receive(eval_msgs,
-                                                         timeout=fed.round_timeout_s)), devices)
-        # ---- record and checkpoint
-        bytes_down = len(cohort) * ArrayRecord(state.global_state).count_bytes()
-        record = _round_record(server_round, cohort=cohort, outcome=outcome, evals=evals,
-                               bytes_down=bytes_down, started=started, aggregator=aggregator,
-                               epsilon_sample=state.epsilon_sample, cfg=cfg)
-        if trace is not None:
-            record = replace(record, available=len(eligible))
-        append_record(metrics_path, record)
+        trained = _trained_diagnostics(cfg, wiring, state, server_round, cohort_devices)
+        # ---- account before release: the charged accountant and the new global part are on
+        # disk before anything derived from them leaves (a resume re-sends this aggregate)
+        state.round, state.aggregator = server_round, aggregator.state_dict()
+        save_checkpoint(run_dir / CHECKPOINTS, state, fingerprint=fingerprint)
         accountant = aggregator.accountant_state()
         if accountant is not None:
             (run_dir / "privacy_accountant.json").write_text(json.dumps(accountant))
-        state.round, state.aggregator = server_round, aggregator.state_dict()
-        save_checkpoint(run_dir / CHECKPOINTS, state, fingerprint=fingerprint)
+        # ---- evaluate, record
+        evals = _evaluate(grid, state, server_round, cfg, wiring, population)
+        bytes_down = len(cohort) * ArrayRecord(state.global_state).count_bytes()
+        record = _round_record(server_round, cohort=cohort, outcome=outcome, evals=evals,
+                               bytes_down=bytes_down, started=started, aggregator=aggregator,
+                               state=state, cfg=cfg, trained=trained)
+        if trace is not None:
+            record = replace(record, available=len(eligible))
+        append_record(metrics_path, record)
         log.info(format_progress(record, fed.rounds))
     # ---- finish: PEFT adapter and plots
-    _finish(space, state.global_state, cfg, run_dir)
+    _finish(space, state.global_state, cfg, run_dir, completed=state.round,
+            stopped_because=stopped_because)
     if cfg.client.runtime == "executorch":  # what a phone app downloads next
         from fedmilm.export.manifest import Manifest
         from fedmilm.export.ptd import adapter_to_ptd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -21,10 +22,10 @@ class ClientUpdate:
 
     device: int
     update: State
-    num_examples: int
-    train_loss: float
-    tokens: int
-    seconds: float
+    num_examples: int              # its FedAvg weight (1 under DP: counts are not released)
+    train_loss: float | None
+    tokens: int | None
+    seconds: float | None
     nbytes: int
     rank: int | None = None  # heterogeneous ranks: the rank the phone trained
 
@@ -35,22 +36,22 @@ class TrainReplies:
 
     accepted: list[ClientUpdate] = field(default_factory=list)
     rejected: int = 0
-    declined: int = 0                  # phones whose DP-SGD budget is spent
-    epsilon_sample: dict[int, float] = field(default_factory=dict)  # device -> ledger epsilon
+    declined: int = 0                  # phones that declined (budget, policy, conditions, ...)
+    ledger_trainings: dict[int, int] = field(default_factory=dict)  # device -> its ledger count
 
 
-def round_config(server_round: int, config_text: str, storage_root: str) -> ConfigRecord:
-    """What every phone is told each round: the round, the run config, where storage lives."""
-    return ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.RUN_CONFIG: config_text,
-                         protocol.STORAGE_ROOT: storage_root})
+def round_config(server_round: int, config_text: str) -> ConfigRecord:
+    """What every phone is told each round: the round and the run config (a request: each
+    phone checks it against its own policy; where its storage lives is its own business)."""
+    return ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.RUN_CONFIG: config_text})
 
 
 def build_messages(nodes: list[int], *, message_type: str, global_state: State,
-                   server_round: int, config_text: str, storage_root: str) -> list[Message]:
+                   server_round: int, config_text: str) -> list[Message]:
     """One message per node, each with its own fresh records."""
     messages = []
     for node in nodes:
-        config = round_config(server_round, config_text, storage_root)
+        config = round_config(server_round, config_text)
         content = RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(global_state),
                               protocol.CONFIG: config})
         messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
@@ -70,10 +71,10 @@ def collect_device_ids(replies: list[Message]) -> dict[int, int]:
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
         metrics = None if reply.has_error() else reply.content.metric_records.get(protocol.METRICS)
-        if metrics is None or protocol.DEVICE_ID not in metrics:
-            log.warning("node %d left out: it did not announce a device id", node)
+        device = metric(metrics, protocol.DEVICE_ID, int, minimum=0)
+        if isinstance(device, str) or device is None:
+            log.warning("node %d left out: no usable device id (%s)", node, device)
             continue
-        device = int(metrics[protocol.DEVICE_ID])
         if device in devices.values():
             log.warning("node %d left out: device id %d is already taken", node, device)
             continue
@@ -81,18 +82,40 @@ def collect_device_ids(replies: list[Message]) -> dict[int, int]:
     return devices
 
 
-def _reject(node: int, devices: dict[int, int], reason: str) -> None:
-    log.warning("round reply from node %d (device %s) rejected: %s", node,
-                devices.get(node, "?"), reason)
+def _reject(node: int, devices: dict[int, int], reason: str, quiet: bool) -> None:
+    """Log a rejected reply with its node and device, or, under user-level DP (where who took
+    part in a round is secret from log readers), without them at debug level."""
+    if quiet:
+        log.debug("a round reply was rejected: %s", reason)
+    else:
+        log.warning("round reply from node %d (device %s) rejected: %s", node,
+                    devices.get(node, "?"), reason)
+
+
+def metric(metrics: object, key: str, kind: type, *, minimum: float | None = None,
+           required: bool = True) -> int | float | None | str:
+    """One value of a phone's MetricRecord, checked: a finite number of `kind` (ints for
+    counts), at least `minimum`. Returns the value, None when absent and optional, or the
+    reason it is unusable (a string) - never raises, whatever the phone sent."""
+    if metrics is None or key not in metrics:  # type: ignore[operator]
+        return f"no '{key}' in its metrics" if required else None
+    value = metrics[key]  # type: ignore[index]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"'{key}' is not a number"
+    if kind is int and (not float(value).is_integer() or not math.isfinite(value)):
+        return f"'{key}' is not an integer"
+    if not math.isfinite(value):
+        return f"'{key}' is not finite"
+    if minimum is not None and value < minimum:
+        return f"'{key}'={value} is below {minimum}"
+    return kind(value)
 
 
 def _parse_update(reply: Message, reference: State, max_norm: float,
-                  device: int) -> ClientUpdate | str:
+                  device: int, dp: bool) -> ClientUpdate | str:
     content = reply.content
     if protocol.UPDATE_ARRAYS not in content.array_records:
         return f"no '{protocol.UPDATE_ARRAYS}' arrays in the reply"
-    if protocol.METRICS not in content.metric_records:
-        return f"no '{protocol.METRICS}' metrics in the reply"
     arrays = content.array_records[protocol.UPDATE_ARRAYS]
     try:
         update = arrays.to_torch_state_dict()
@@ -101,47 +124,63 @@ def _parse_update(reply: Message, reference: State, max_norm: float,
     problem = update_problem(update, reference, max_norm=max_norm)
     if problem:
         return problem
-    metrics = content.metric_records[protocol.METRICS]
-    examples = int(metrics.get(protocol.NUM_EXAMPLES, 0))
-    if examples <= 0:
-        return f"'{protocol.NUM_EXAMPLES}' must be a positive count"
-    return ClientUpdate(device=device, update=update, num_examples=examples,
-                        train_loss=float(metrics.get(protocol.TRAIN_LOSS, float("nan"))),
-                        tokens=int(metrics.get(protocol.TRAIN_TOKENS, 0)),
-                        seconds=float(metrics.get(protocol.TRAIN_SECONDS, 0.0)),
-                        nbytes=arrays.count_bytes(),
-                        rank=int(metrics[protocol.LORA_RANK]) if protocol.LORA_RANK in metrics
-                        else None)
+    metrics = content.metric_records.get(protocol.METRICS)
+    rank = metric(metrics, protocol.LORA_RANK, int, minimum=1, required=False)
+    if dp:  # only the update travels: equal weights, no private statistics
+        if isinstance(rank, str):
+            return rank
+        return ClientUpdate(device=device, update=update, num_examples=1, train_loss=None,
+                            tokens=None, seconds=None, nbytes=arrays.count_bytes(), rank=rank)
+    values = {key: metric(metrics, key, kind, minimum=low, required=key == protocol.NUM_EXAMPLES)
+              for key, kind, low in ((protocol.NUM_EXAMPLES, int, 1),
+                                     (protocol.TRAIN_LOSS, float, 0),
+                                     (protocol.TRAIN_TOKENS, int, 0),
+                                     (protocol.TRAIN_SECONDS, float, 0))}
+    bad = [v for v in (*values.values(), rank) if isinstance(v, str)]
+    if bad:
+        return bad[0]
+    return ClientUpdate(device=device, update=update,
+                        num_examples=values[protocol.NUM_EXAMPLES],  # type: ignore[arg-type]
+                        train_loss=values[protocol.TRAIN_LOSS],  # type: ignore[arg-type]
+                        tokens=values[protocol.TRAIN_TOKENS],  # type: ignore[arg-type]
+                        seconds=values[protocol.TRAIN_SECONDS],  # type: ignore[arg-type]
+                        nbytes=arrays.count_bytes(), rank=rank)  # type: ignore[arg-type]
 
 
 def collect_updates(replies: list[Message], reference: State, *, max_norm: float,
-                    devices: dict[int, int]) -> TrainReplies:
-    """Sort replies into accepted updates, rejections (each logged with its node id and reason)
-    and privacy-budget declines (a normal non-participation). `devices`: node id -> device id."""
+                    devices: dict[int, int], dp: bool = False,
+                    quiet: bool = False) -> TrainReplies:
+    """Sort replies into accepted updates, rejections (each logged with its node id and reason,
+    unless `quiet`) and declines (a normal non-participation). `devices`: node id -> device id.
+    `dp`: replies carry only the update (and a ledger count), never private statistics."""
     out = TrainReplies()
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            _reject(node, devices, f"client error: {reply.error.reason}")
+            _reject(node, devices, f"client error: {reply.error.reason}", quiet)
             out.rejected += 1
             continue
         if node not in devices:
-            _reject(node, devices, "not a node this round was sent to")
+            _reject(node, devices, "not a node this round was sent to", quiet)
             out.rejected += 1
             continue
         device = devices[node]
         metrics = reply.content.metric_records.get(protocol.METRICS)
-        if metrics is not None and protocol.EPSILON_SAMPLE in metrics:
-            out.epsilon_sample[device] = float(metrics[protocol.EPSILON_SAMPLE])
-        if metrics is not None and protocol.DECLINED in metrics:
-            code = int(metrics[protocol.DECLINED])
-            why = protocol.DECLINE_REASONS.get(code, f"unknown reason code {code}")
-            log.info("device %d declined to train: %s", device, why)
+        count = metric(metrics, protocol.LEDGER_TRAININGS, int, minimum=0, required=False)
+        if isinstance(count, int):
+            out.ledger_trainings[device] = count
+        declined = metric(metrics, protocol.DECLINED, int, required=False)
+        if isinstance(declined, int):
+            why = protocol.DECLINE_REASONS.get(declined, f"unknown reason code {declined}")
+            if quiet:
+                log.debug("a phone declined to train: %s", why)
+            else:
+                log.info("device %d declined to train: %s", device, why)
             out.declined += 1
             continue
-        parsed = _parse_update(reply, reference, max_norm, device)
+        parsed = _parse_update(reply, reference, max_norm, device, dp)
         if isinstance(parsed, str):
-            _reject(node, devices, parsed)
+            _reject(node, devices, parsed, quiet)
             out.rejected += 1
         else:
             out.accepted.append(parsed)
@@ -158,14 +197,27 @@ def collect_evals(replies: list[Message], devices: dict[int, int]) -> list[Clien
             reason = reply.error.reason if reply.has_error() else "no metrics or unknown node"
             log.warning("evaluation reply from node %d dropped: %s", node, reason)
             continue
-        m = reply.content.metric_records[protocol.METRICS]
-        personal = m.get(protocol.LOSS_PERSONAL)
-        rank = int(m[protocol.LORA_RANK]) if protocol.LORA_RANK in m else None
-        evals.append(ClientEval(device=devices[node], rank=rank,
-                                loss_base=float(m[protocol.LOSS_BASE]),
-                                loss_global=float(m[protocol.LOSS_GLOBAL]),
-                                loss_personal=None if personal is None else float(personal)))
+        parsed = client_eval(devices[node], reply.content.metric_records[protocol.METRICS])
+        if isinstance(parsed, str):
+            log.warning("evaluation reply from node %d dropped: %s", node, parsed)
+            continue
+        evals.append(parsed)
     return sorted(evals, key=lambda e: e.device)
+
+
+def client_eval(device: int, values: object) -> ClientEval | str:
+    """One phone's held-out losses from its evaluate metrics (or the simulator's diagnostics
+    file), or why they are unusable."""
+    losses = {key: metric(values, key, float, minimum=0, required=key != protocol.LOSS_PERSONAL)
+              for key in (protocol.LOSS_BASE, protocol.LOSS_GLOBAL, protocol.LOSS_PERSONAL)}
+    rank = metric(values, protocol.LORA_RANK, int, minimum=1, required=False)
+    bad = [v for v in (*losses.values(), rank) if isinstance(v, str)]
+    if bad:
+        return bad[0]
+    return ClientEval(device=device, rank=rank,  # type: ignore[arg-type]
+                      loss_base=losses[protocol.LOSS_BASE],  # type: ignore[arg-type]
+                      loss_global=losses[protocol.LOSS_GLOBAL],  # type: ignore[arg-type]
+                      loss_personal=losses[protocol.LOSS_PERSONAL])  # type: ignore[arg-type]
 
 
 TRAIN = MessageType.TRAIN

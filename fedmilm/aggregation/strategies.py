@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import random
-import secrets
 from typing import Any, Protocol
 
 import torch
@@ -21,6 +20,7 @@ from fedmilm.aggregation.robust import robust_mean
 from fedmilm.config.schema import FedMilmConfig
 from fedmilm.privacy.accountant import Accountant
 from fedmilm.privacy.calibrate import user_sample_rate
+from fedmilm.privacy.randomness import SeededRandom, private_random
 from fedmilm.privacy.user_level import noised_total, noisy_mean
 
 CLIP_SLACK = 1e-3  # relative float32 slack allowed on a client's clipped norm
@@ -100,8 +100,12 @@ class FedAvg:
 
 class DpFedAvg:
     """User-level DP-FedAvg: Poisson cohort with rate q = clients_per_round / num_clients,
-    equal weights, Gaussian noise on the sum, one accountant step per round (also for a round
-    that ends up skipped, which over-counts and so stays sound)."""
+    equal weights, Gaussian noise on the sum, one accountant step per round.
+
+    The cohort and the noise come from a CSPRNG (`privacy.seeded_noise` aside): a cohort anyone
+    could recompute from the config would void the amplification by sampling. A round is never
+    skipped for too few replies: the fixed-denominator mean is private whatever number arrived,
+    while a skip decided on the exact count would release that count unnoised."""
 
     def __init__(self, cfg: FedMilmConfig) -> None:
         user, fed = cfg.privacy.user, cfg.federation
@@ -109,16 +113,18 @@ class DpFedAvg:
         self.noise, self.clip = user.noise_multiplier, user.clip_norm
         self.rate = user_sample_rate(cfg)
         self.expected = fed.clients_per_round
-        self.min_replies, self.target = fed.min_replies, user.target_epsilon
+        self.target = user.target_epsilon
         self.delta = cfg.privacy.delta
         self.max_update_norm = self.clip * (1 + CLIP_SLACK)  # updates must arrive clipped
         self.accountant = Accountant(cfg.privacy.accountant)
         self.seeded = cfg.privacy.seeded_noise
-        seed = cfg.seed if self.seeded else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.random = private_random(cfg.seed if self.seeded else None)
 
     def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]:
-        return [n for n in nodes if sampler.random() < self.rate]
+        """Each phone independently with probability q, from the private randomness (the
+        server's seeded `sampler` is not used: it is reproducible from the config)."""
+        draws = self.random.uniform(len(nodes)).tolist()
+        return [n for n, u in zip(nodes, draws, strict=True) if u < self.rate]
 
     def may_continue(self) -> bool:
         if self.target is None:
@@ -130,19 +136,18 @@ class DpFedAvg:
     def aggregate(self, updates: list[State], weights: list[float], reference: State,
                   ranks: list[int] | None = None) -> State | None:
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate)
-        if len(updates) < self.min_replies:
-            return None
         return noisy_mean(updates, reference, clip_norm=self.clip, noise_multiplier=self.noise,
-                          expected_clients=self.expected, generator=self.generator)
+                          expected_clients=self.expected, random=self.random)
 
     def aggregate_secure(self, mean: State | None, count: int,
                          reference: State) -> State | None:
+        """SecAgg+ gives the mean of `count` updates (none when it failed: a noise-only
+        release, like an empty cohort)."""
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate)
-        if mean is None or count < self.min_replies:
-            return None
-        total = {k: v * count for k, v in mean.items()}  # SecAgg+ gives the mean of `count`
+        total = ({k: torch.zeros_like(v, dtype=torch.float32) for k, v in reference.items()}
+                 if mean is None else {k: v * count for k, v in mean.items()})
         return noised_total(total, clip_norm=self.clip, noise_multiplier=self.noise,
-                            expected_clients=self.expected, generator=self.generator)
+                            expected_clients=self.expected, random=self.random)
 
     def epsilon(self) -> float | None:
         return self.accountant.epsilon(self.delta)
@@ -155,8 +160,8 @@ class DpFedAvg:
         """Accountant history, and the noise generator only when it is seeded (tests): real
         noise state never touches the disk, and a resumed run draws fresh OS entropy."""
         state: dict[str, Any] = {"kind": "dp-fedavg", "accountant": self.accountant.state_dict()}
-        if self.seeded:
-            raw = self.generator.get_state().numpy().tobytes()
+        if isinstance(self.random, SeededRandom):
+            raw = self.random.generator.get_state().numpy().tobytes()
             state["noise_generator"] = base64.b64encode(raw).decode("ascii")
         return state
 
@@ -165,9 +170,9 @@ class DpFedAvg:
             raise ValueError(f"checkpoint holds a {state.get('kind')!r} aggregator, not "
                              "dp-fedavg: resume with the run's own config")
         self.accountant.load_state_dict(state["accountant"])
-        if self.seeded and "noise_generator" in state:
+        if isinstance(self.random, SeededRandom) and "noise_generator" in state:
             raw = base64.b64decode(state["noise_generator"])
-            self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+            self.random.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
 
 def create_aggregator(cfg: FedMilmConfig) -> Aggregator:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
 import time
@@ -12,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fedmilm.config import ConfigError, FedMilmConfig, load_config, to_yaml
-from fedmilm.data import DataFormatError, count_users
+from fedmilm.data import DataFormatError, count_users, load_user
 from fedmilm.metrics import read_records
 from fedmilm.model import smollm2
 from fedmilm.privacy.calibrate import resolve_privacy
@@ -27,11 +28,16 @@ def load_or_exit(raw: DictConfig) -> FedMilmConfig:
     """Typed, validated config with calibrated noise; on any problem print one line per key
     and exit with code 2."""
     try:
-        cfg = resolve_privacy(load_config(raw))
+        cfg = load_config(raw)
         users = count_users(cfg.data)
         if users is not None and users < cfg.federation.num_clients:
             raise ConfigError([f"federation.num_clients={cfg.federation.num_clients} exceeds the "
                                f"{users} user files in data.path={cfg.data.path!r}"])
+        sizes = None
+        if users is not None and cfg.privacy.sample_level:  # real n per phone, for DP-SGD
+            sizes = [len(load_user(cfg.data, user=u, seed=cfg.seed).train)
+                     for u in range(cfg.federation.num_clients)]
+        cfg = resolve_privacy(cfg, sizes)
     except (ConfigError, DataFormatError) as err:
         for line in str(err).splitlines():
             print(f"fedmilm: config error: {line}", file=sys.stderr)
@@ -65,12 +71,21 @@ def run_dir_and_config(raw: DictConfig, hydra_dir: str, task_overrides: list[str
 
 
 def report_run(cfg: FedMilmConfig, run_dir: Path, started: float) -> None:
-    """Check that every round ran and log the last round's losses; raise if rounds are missing."""
-    metrics = run_dir / "metrics.jsonl"
+    """Check that every planned round ran (or the run stopped at its privacy budget, which is
+    a success) and log the last round's losses; raise if rounds are missing or all skipped."""
+    metrics, summary_path = run_dir / "metrics.jsonl", run_dir / "summary.json"
     records = read_records(metrics) if metrics.exists() else []
-    if len(records) != cfg.federation.rounds:
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    stopped = summary.get("stopped_early_because")
+    if len(records) != cfg.federation.rounds and not (stopped and records):
         raise RuntimeError(f"the federation stopped after {len(records)} of "
                            f"{cfg.federation.rounds} rounds; see the log above")
+    if all(r["skipped"] for r in records):
+        raise RuntimeError(f"every one of the {len(records)} rounds was skipped (too few valid "
+                           "replies): the adapter never changed; see the log above")
+    if stopped:
+        log.info("stopped after round %d of %d: %s", len(records), cfg.federation.rounds,
+                 stopped)
     last = records[-1]
     log.info("done in %.0f s. Last round held-out loss: base %s, global %s, personal %s",
              time.perf_counter() - started, *(_fmt(last[k]) for k in

@@ -72,6 +72,11 @@ def _main(raw: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     cfg, run_dir = run_dir_and_config(raw, hydra_cfg.runtime.output_dir,
                                       list(hydra_cfg.overrides.task))
+    if cfg.privacy.seeded_noise and cfg.privacy.any_dp:
+        print("fedmilm: config error: privacy.seeded_noise=true makes DP randomness replayable "
+              "from the config; fedmilm-deploy refuses it (simulation tests only)",
+              file=sys.stderr)
+        sys.exit(2)
     _stop_on_sigterm()
     try:
         deploy(cfg, run_dir)

@@ -27,10 +27,11 @@ from fedmilm.cli.common import (  # noqa: E402
     run_dir_and_config,
 )
 from fedmilm.config import FedMilmConfig, to_yaml  # noqa: E402
+from fedmilm.privacy.policy import write_phone_policy  # noqa: E402
 from fedmilm.training.memory import MemoryBudgetError  # noqa: E402
 
 SERVER_FACTORY = "fedmilm.server.app:make_server_app"
-CLIENT_APP = "fedmilm.clients.app:app"
+CLIENT_FACTORY = "fedmilm.clients.app:make_client_app"
 
 log = logging.getLogger("fedmilm")
 
@@ -67,11 +68,14 @@ def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
     prepare_run(cfg, run_dir)
     if cfg.client.runtime == "eager":
         _check_memory_budget(cfg)
+    devices = run_dir / "devices"  # the virtual phones' own storage, and their own policy
+    write_phone_policy(cfg.privacy, devices)
     server_app = load_component(SERVER_FACTORY)(to_yaml(cfg), str(run_dir))
+    client_app = load_component(CLIENT_FACTORY)(str(devices), str(run_dir / "diagnostics"))
     started = time.perf_counter()
     if cfg.federation.ray_address:
         attach_ray(cfg.federation.ray_address)
-    run_simulation(server_app=server_app, client_app=load_component(CLIENT_APP),
+    run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=cfg.federation.num_clients,
                    backend_config=backend_config(cfg))
     report_run(cfg, run_dir, started)

@@ -116,6 +116,19 @@ class UserPrivacyConfig:
 
 
 @dataclass
+class PhonePolicyConfig:
+    """The simulated and local phones' own privacy policy (null: what the run asks)."""
+
+    allow_no_dp: bool = MISSING
+    min_sample_noise: float | None = None
+    max_sample_epsilon: float | None = None
+    min_user_noise: float | None = None
+    max_user_clip: float | None = None
+    delta: float | None = None
+    allow_seeded_noise: bool | None = None
+
+
+@dataclass
 class PrivacyConfig:
     """Which privacy levels are on, their parameters and the accounting."""
 
@@ -125,6 +138,11 @@ class PrivacyConfig:
     seeded_noise: bool = MISSING  # True: reproducible noise (tests); False: OS entropy
     sample: SamplePrivacyConfig = field(default_factory=SamplePrivacyConfig)
     user: UserPrivacyConfig = field(default_factory=UserPrivacyConfig)
+    phone: PhonePolicyConfig = field(default_factory=PhonePolicyConfig)
+
+    @property
+    def any_dp(self) -> bool:
+        return self.mode != "none"
 
     @property
     def sample_level(self) -> bool:

@@ -26,6 +26,7 @@ from fedmilm.deploy.processes import (
     log_tail,
     wait_for_port,
 )
+from fedmilm.privacy.policy import POLICY_FILE, write_phone_policy
 from fedmilm.runtime import OFFLINE_ENV
 
 log = logging.getLogger("fedmilm.deploy")
@@ -76,11 +77,13 @@ class Layout:
 
 
 def node_config(index: int, num_nodes: int, device_dir: Path) -> str:
-    """A SuperNode's `--node-config`: its user partition and its own storage folder."""
+    """A SuperNode's `--node-config`: its user partition, its own storage folder and its own
+    privacy policy file in it."""
     if any(c in str(device_dir) for c in "\"'"):
         raise ValueError(f"device folder {device_dir} must not contain quotes")
     return (f"{protocol.PARTITION_ID}={index} num-partitions={num_nodes} "
-            f"{protocol.DEVICE_DIR}='{device_dir}'")
+            f"{protocol.DEVICE_DIR}='{device_dir}' "
+            f"{protocol.PRIVACY_POLICY}='{device_dir / POLICY_FILE}'")
 
 
 def cli_config(address: str, ca_cert: Path | None) -> str:
@@ -262,7 +265,7 @@ class LocalFederation:
         authenticates with `private_key` (default: its own registered key)."""
         n = self.cfg.federation.num_clients
         device = self.layout.device_dir(index)
-        device.mkdir(parents=True, exist_ok=True)
+        write_phone_policy(self.cfg.privacy, device)
         name = name or f"supernode-{index}"
         argv = [_tool("flower-supernode"), "--superlink", self.address,
                 "--port", str(free_port()), "--node-config", node_config(index, n, device),

@@ -42,6 +42,8 @@ class TrainJob:
         dp_fields = (self.noise_multiplier, self.max_grad_norm)
         if (self.sampling == "poisson") != all(v is not None for v in dp_fields):
             problems.append("noise_multiplier and max_grad_norm go with sampling=poisson only")
+        elif self.sampling == "poisson" and not all(v > 0 for v in dp_fields):  # type: ignore
+            problems.append("noise_multiplier and max_grad_norm must be > 0")
         if problems:
             raise ValueError("invalid job: " + "; ".join(problems))
 

@@ -22,6 +22,7 @@ from fedmilm.data.chat import IGNORE, Batch, Example
 from fedmilm.export.job import JobResult, TrainJob
 from fedmilm.export.manifest import Manifest
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
+from fedmilm.privacy.randomness import private_random
 from fedmilm.training.local import batch_plan, micro_batches
 
 
@@ -128,25 +129,30 @@ def train_with_programs(programs: PhonePrograms, adapter_ptd: bytes, examples: l
     if not examples:
         raise ValueError("no training examples on this phone")
     runtime = _Runtime(programs, adapter_ptd)
+    # Shuffling (no DP) follows the job's seed; DP-SGD's masks and noise come from the phone's
+    # CSPRNG unless a virtual phone in a test asked for reproducible DP with `seed`.
     seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(7), "little")
     generator = torch.Generator().manual_seed(seed)
+    private = private_random(job.seed) if job.dp else None
     plan = batch_plan(examples, epochs=job.epochs, batch_size=job.batch_size, pad_id=pad_id,
-                      generator=generator, poisson=job.dp)
+                      generator=generator, poisson=private)
     rows, seq_len = manifest.micro_batch, manifest.seq_len
     started = time.perf_counter()
     loss_sum, done, seen, tokens = 0.0, 0, 0, 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # DP noise draws from the global generator, as Opacus's do
+        torch.manual_seed(seed)
         for batch in plan:
             done += 1
-            if batch is None:  # empty Poisson draw: a step without an update
+            noise = None
+            if private is not None:  # Opacus's draw order: one N(0, std) per tensor, per step
+                std = float(job.noise_multiplier) * float(job.max_grad_norm)  # type: ignore
+                noise = [private.normal(t.shape, std) for t in runtime.adapter]
+            if batch is None:  # empty Poisson draw: a noise-only step, as the accountant assumes
+                assert noise is not None
+                runtime.apply_adamw([z / job.batch_size for z in noise])
                 continue
             b = batch.input_ids.size(0)
             total: list[torch.Tensor] | None = None
-            noise = None
-            if job.dp:  # Opacus's draw order: one N(0, std) per tensor, per step
-                std = float(job.noise_multiplier) * float(job.max_grad_norm)  # type: ignore
-                noise = [torch.normal(0.0, std, size=t.shape) for t in runtime.adapter]
             for index, part in enumerate(micro_batches(batch, rows)):
                 padded = pad_to_program(part, rows=rows, seq_len=seq_len, pad_id=pad_id)
                 if noise is None:

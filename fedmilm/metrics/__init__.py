@@ -2,15 +2,17 @@
 
 from fedmilm.metrics.plots import plot_clients, plot_losses, plot_privacy
 from fedmilm.metrics.records import (
+                                     DIAGNOSTICS_LABEL,
                                      ClientEval,
                                      RoundRecord,
                                      append_record,
                                      format_progress,
+                                     interrupted_record,
                                      losses_by_rank,
                                      mean_or_none,
                                      read_records,
 )
 
-__all__ = ["ClientEval", "RoundRecord", "append_record", "format_progress", "losses_by_rank",
-           "mean_or_none",
+__all__ = ["DIAGNOSTICS_LABEL", "ClientEval", "RoundRecord", "append_record", "format_progress",
+           "interrupted_record", "losses_by_rank", "mean_or_none",
            "plot_clients", "plot_losses", "plot_privacy", "read_records"]

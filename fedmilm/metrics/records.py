@@ -25,17 +25,18 @@ class RoundRecord:
     """Everything a user needs to judge one round. Privacy fields are null without DP."""
 
     round: int
-    clients: int                   # phones whose update was aggregated (0 if skipped)
-    sampled: int
-    rejected: int
-    declined: int                  # phones that refused to train (DP-SGD budget spent)
+    clients: int | None            # phones whose update was aggregated (0 if skipped; null
+                                   # under user-level DP: not released unnoised)
+    sampled: int | None
+    rejected: int | None
+    declined: int | None           # phones that declined to train (budget, policy, ...)
     train_loss: float | None
     loss_base: float | None
     loss_global: float | None
     loss_personal: float | None
-    bytes_up: int                  # update bytes received this round, all phones together
-    bytes_down: int                # global-adapter bytes sent for training
-    seconds: float
+    bytes_up: int | None           # update bytes received this round, all phones together
+    bytes_down: int | None         # global-adapter bytes sent for training
+    seconds: float | None
     tokens_per_s: float | None     # local training throughput summed over phones
     epsilon_user: float | None = None
     epsilon_sample_max: float | None = None
@@ -44,7 +45,24 @@ class RoundRecord:
     skipped: bool = False          # too few valid replies: the global adapter did not change
     available: int | None = None   # phones the availability trace allowed to be sampled
     loss_by_rank: dict[str, dict] | None = None  # heterogeneous ranks: mean losses per rank
+    seeded_noise: bool = False     # DP randomness reproducible from the seed (tests only)
+    diagnostics: str | None = None  # where per-phone values came from when not from the wire
+    ledger_decreases: int | None = None  # phones whose ledger count went back (a reset budget)
+    interrupted: bool = False      # the server died after this round was accounted and
+                                   # checkpointed, before it was evaluated and recorded
     per_client: list[ClientEval] = field(default_factory=list)
+
+
+DIAGNOSTICS_LABEL = ("simulator: per-phone values the virtual phones left on disk, outside the "
+                     "wire protocol and outside the DP guarantee")
+
+
+def interrupted_record(server_round: int) -> RoundRecord:
+    """The line for a round that was accounted and checkpointed but never recorded."""
+    return RoundRecord(round=server_round, clients=None, sampled=None, rejected=None,
+                       declined=None, train_loss=None, loss_base=None, loss_global=None,
+                       loss_personal=None, bytes_up=None, bytes_down=None, seconds=None,
+                       tokens_per_s=None, interrupted=True)
 
 
 def losses_by_rank(evals: list[ClientEval]) -> dict[str, dict] | None:
@@ -85,16 +103,22 @@ def format_progress(record: RoundRecord, total_rounds: int) -> str:
     def fmt(value: float | None) -> str:
         return "  -  " if value is None else f"{value:.3f}"
 
+    def count(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
     privacy = ""
     if record.epsilon_user is not None or record.epsilon_sample_max is not None:
         privacy = (f" | eps user {fmt(record.epsilon_user)} sample-max "
                    f"{fmt(record.epsilon_sample_max)}")
+    if record.seeded_noise:
+        privacy += " | SEEDED DP NOISE (tests only)"
     skipped = " SKIPPED (adapter unchanged)" if record.skipped else ""
     if record.available is not None:
         skipped += f" | available {record.available}"
+    up = "-" if record.bytes_up is None else f"{record.bytes_up / 1e6:.2f}"
     return (f"round {record.round:>3}/{total_rounds}{skipped} | clients "
-            f"{record.clients}/{record.sampled}"
-            f" (rejected {record.rejected}, declined {record.declined}) | train "
+            f"{count(record.clients)}/{count(record.sampled)}"
+            f" (rejected {count(record.rejected)}, declined {count(record.declined)}) | train "
             f"{fmt(record.train_loss)} | held-out base {fmt(record.loss_base)} global "
             f"{fmt(record.loss_global)} personal {fmt(record.loss_personal)}{privacy} | "
-            f"{record.bytes_up / 1e6:.2f} MB up | {record.seconds:.1f} s")
+            f"{up} MB up | {record.seconds or 0:.1f} s")

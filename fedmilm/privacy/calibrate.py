@@ -9,7 +9,9 @@ with probability clients_per_round / num_clients once per round (Poisson).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from functools import lru_cache
 
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -18,25 +20,64 @@ from fedmilm.config.validate import ConfigError
 from fedmilm.privacy.accountant import Accountant
 from fedmilm.training.local import dp_sample_rate, planned_steps
 
+log = logging.getLogger("fedmilm")
+
 
 def user_sample_rate(cfg: FedMilmConfig) -> float:
     """Probability that the server samples a given phone in a round."""
     return cfg.federation.clients_per_round / cfg.federation.num_clients
 
 
-def sample_plan(cfg: FedMilmConfig) -> tuple[float, int, int]:
-    """(per-step sample rate, steps per round, expected rounds) of one phone's DP-SGD."""
-    n, batch = cfg.data.train_per_user, cfg.train.batch_size
+def expected_rounds(cfg: FedMilmConfig) -> int:
+    """Rounds a phone is expected to train in: rounds x clients_per_round / num_clients."""
+    return math.ceil(cfg.federation.rounds * user_sample_rate(cfg))
+
+
+def sample_plan(cfg: FedMilmConfig, n: int | None = None) -> tuple[float, int, int]:
+    """(per-step sample rate, steps per round, expected rounds) of one phone's DP-SGD with `n`
+    training interactions (default: `data.train_per_user`, the synthetic count)."""
+    n, batch = n or cfg.data.train_per_user, cfg.train.batch_size
     per_round = planned_steps(n, epochs=cfg.train.epochs, batch_size=batch)
-    rounds = math.ceil(cfg.federation.rounds * user_sample_rate(cfg))
-    return dp_sample_rate(n, batch_size=batch), per_round, rounds
+    return dp_sample_rate(n, batch_size=batch), per_round, expected_rounds(cfg)
 
 
+@lru_cache(maxsize=256)
 def _calibrated(target: float, *, delta: float, sample_rate: float, steps: int,
                 accountant: str) -> float:
-    return float(get_noise_multiplier(target_epsilon=target, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=accountant, epsilon_tolerance=0.005))
+    """The noise multiplier meeting `target`; `ValueError` (one line) when none does."""
+    try:
+        return float(get_noise_multiplier(target_epsilon=target, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=accountant, epsilon_tolerance=0.005))
+    except (ValueError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"no noise multiplier reaches epsilon {target:g} at delta {delta:g} "
+                         f"over {steps} steps at sampling rate {sample_rate:.3g} "
+                         f"({type(err).__name__})") from err
+
+
+def phone_sample_noise(cfg: FedMilmConfig, *, n: int, target: float | None) -> float:
+    """The DP-SGD noise multiplier of a phone with `n` real training interactions: the run's
+    fixed one, or calibrated on the phone from its own n and budget `target` (jsonl users
+    differ in n; a bound on n would over- or under-noise them). `ValueError` when impossible."""
+    sample = cfg.privacy.sample
+    if sample.noise_multiplier is not None:
+        return sample.noise_multiplier
+    if target is None:
+        raise ValueError("privacy.sample.noise_multiplier is null and no target epsilon is set")
+    q, steps, rounds = sample_plan(cfg, n)
+    return _calibrated(target, delta=cfg.privacy.delta, sample_rate=q, steps=steps * rounds,
+                       accountant=cfg.privacy.accountant)
+
+
+def _check_delta(problems: list[str], delta: float, units: int, what: str) -> None:
+    """delta must be < 1/n for n protected units (a delta of 1/n lets the mechanism publish
+    one unit's data outright); above 1/n^1.1 the guarantee is weak, so say so."""
+    if delta >= 1 / units:
+        problems.append(f"privacy.delta={delta:g} must be < 1/n = {1 / units:.3g} for the "
+                        f"n={units} {what} it protects")
+    elif delta > units ** -1.1:
+        log.warning("privacy.delta=%g is above 1/n^1.1 = %.3g for the n=%d %s it protects; a "
+                    "smaller delta is advisable", delta, units ** -1.1, units, what)
 
 
 def _one_round_epsilon(*, noise: float, sample_rate: float, steps: int, delta: float,
@@ -45,29 +86,39 @@ def _one_round_epsilon(*, noise: float, sample_rate: float, steps: int, delta: f
                                                 sample_rate=sample_rate, num_steps=steps)
 
 
-def resolve_privacy(cfg: FedMilmConfig) -> FedMilmConfig:
-    """A copy with every noise multiplier set; `ConfigError` if one round already exceeds a
-    target (the run could never train)."""
+def resolve_privacy(cfg: FedMilmConfig, user_sizes: list[int] | None = None) -> FedMilmConfig:
+    """A copy with the user-level noise multiplier set (the server adds that noise); a null
+    DP-SGD noise multiplier stays null: each phone calibrates its own from its real n.
+    `ConfigError` naming the key if delta is too large for what it protects, if a target
+    cannot be met, or if one round already exceeds it (the run could never train).
+    `user_sizes`: the phones' real training counts when known up front (jsonl)."""
     priv, problems = cfg.privacy, []
-    sample, user = priv.sample, priv.user
-    if priv.sample_level:
-        q, steps, rounds = sample_plan(cfg)
-        if sample.noise_multiplier is None:
-            sample = dataclasses.replace(sample, noise_multiplier=_calibrated(
-                sample.target_epsilon, delta=priv.delta, sample_rate=q, steps=steps * rounds,
-                accountant=priv.accountant))
-        first = _one_round_epsilon(noise=sample.noise_multiplier, sample_rate=q, steps=steps,
+    user = priv.user
+    if priv.sample_level:  # checked at the smallest n; each phone calibrates with its own n
+        n = min([cfg.data.train_per_user, *(user_sizes or [])])
+        _check_delta(problems, priv.delta, n, "training interactions of a phone")
+        q, steps, _ = sample_plan(cfg, n)
+        try:
+            noise = phone_sample_noise(cfg, n=n, target=priv.sample.target_epsilon)
+        except ValueError as err:
+            raise ConfigError([f"privacy.sample.target_epsilon: {err}"]) from err
+        first = _one_round_epsilon(noise=noise, sample_rate=q, steps=steps,
                                    delta=priv.delta, accountant=priv.accountant)
+        sample = priv.sample
         if sample.target_epsilon is not None and first > sample.target_epsilon:
             problems.append(f"privacy.sample.target_epsilon={sample.target_epsilon:g} is exceeded "
                             f"by one round of local training (epsilon {first:.3g}); raise the "
                             "noise or the target, or train fewer steps")
     if priv.user_level:
         q = user_sample_rate(cfg)
+        _check_delta(problems, priv.delta, cfg.federation.num_clients, "phones")
         if user.noise_multiplier is None:
-            user = dataclasses.replace(user, noise_multiplier=_calibrated(
-                user.target_epsilon, delta=priv.delta, sample_rate=q,
-                steps=cfg.federation.rounds, accountant=priv.accountant))
+            try:
+                user = dataclasses.replace(user, noise_multiplier=_calibrated(
+                    user.target_epsilon, delta=priv.delta, sample_rate=q,
+                    steps=cfg.federation.rounds, accountant=priv.accountant))
+            except ValueError as err:
+                raise ConfigError([f"privacy.user.target_epsilon: {err}"]) from err
         first = _one_round_epsilon(noise=user.noise_multiplier, sample_rate=q, steps=1,
                                    delta=priv.delta, accountant=priv.accountant)
         if user.target_epsilon is not None and first > user.target_epsilon:
@@ -75,4 +126,4 @@ def resolve_privacy(cfg: FedMilmConfig) -> FedMilmConfig:
                             f"a single round (epsilon {first:.3g}); raise the noise or the target")
     if problems:
         raise ConfigError(problems)
-    return dataclasses.replace(cfg, privacy=dataclasses.replace(priv, sample=sample, user=user))
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(priv, user=user))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,14 @@ class BudgetExceeded(RuntimeError):
     """Training now would push the cumulative epsilon past the target."""
 
 
+class LedgerError(ValueError):
+    """The ledger is unreadable, corrupt or inconsistent: the phone must not train."""
+
+
+def _digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 class PrivacyLedger:
     """Composes every DP-SGD step a phone ever took, across rounds and restarts."""
 
@@ -20,6 +29,7 @@ class PrivacyLedger:
         self.accountant = Accountant(mechanism)
         self.delta = delta
         self.target_epsilon = target_epsilon
+        self.trainings = 0  # local trainings charged: known to the server, so it may travel
 
     @property
     def epsilon(self) -> float:
@@ -37,19 +47,31 @@ class PrivacyLedger:
                                  f"{self.target_epsilon:g} (spent {self.epsilon:.3g})")
 
     def save(self, path: Path) -> None:
-        """Atomic JSON write: the ledger is the one file a phone must never lose."""
+        """Atomic JSON write with a checksum: the ledger is the one file a phone must never
+        lose or silently corrupt."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"delta": self.delta, "trainings": self.trainings,
+                **self.accountant.state_dict()}
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"delta": self.delta, **self.accountant.state_dict()}))
+        tmp.write_text(json.dumps({**body, "sha256": _digest(body)}))
         os.replace(tmp, path)
 
     def load(self, path: Path) -> None:
-        """Restore from `path` if it exists (a new phone starts with an empty ledger)."""
+        """Restore from `path` (a new phone has none); `LedgerError` when the file is
+        unreadable, fails its checksum, or accounts at another delta."""
         if not path.is_file():
             return
-        state = json.loads(path.read_text())
-        if state.get("delta") != self.delta:
-            raise ValueError(f"{path} accounts for delta={state.get('delta')}, the run uses "
-                             f"delta={self.delta}; privacy.delta must not change for a phone")
-        state.pop("delta")
-        self.accountant.load_state_dict(state)
+        try:
+            body = json.loads(path.read_text())
+            digest = body.pop("sha256")
+            if digest != _digest(body):
+                raise LedgerError(f"{path}: checksum mismatch (corrupt or edited)")
+            if body.pop("delta") != self.delta:
+                raise LedgerError(f"{path} accounts at another delta than this phone's policy "
+                                  f"({self.delta:g}); the delta must not change for a phone")
+            self.trainings = int(body.pop("trainings"))
+            self.accountant.load_state_dict(body)
+        except LedgerError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LedgerError(f"{path}: unreadable privacy ledger ({err})") from err

@@ -13,6 +13,7 @@ import math
 import torch
 
 from fedmilm.adapters.space import State
+from fedmilm.privacy.randomness import PrivateRandom
 
 
 def l2_norm(update: State) -> float:
@@ -28,7 +29,7 @@ def clip_update(update: State, clip_norm: float) -> State:
 
 def noisy_mean(updates: list[State], reference: State, *, clip_norm: float,
                noise_multiplier: float, expected_clients: float,
-               generator: torch.Generator) -> State:
+               random: PrivateRandom) -> State:
     """(sum of clipped updates + Gaussian noise of std sigma * C) / expected_clients.
 
     `reference` gives keys and shapes, so an empty cohort still releases (pure) noise.
@@ -37,14 +38,32 @@ def noisy_mean(updates: list[State], reference: State, *, clip_norm: float,
                       torch.zeros_like(ref, dtype=torch.float32))
              for key, ref in reference.items()}
     return noised_total(total, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                        expected_clients=expected_clients, generator=generator)
+                        expected_clients=expected_clients, random=random)
 
 
 def noised_total(total: State, *, clip_norm: float, noise_multiplier: float,
-                 expected_clients: float, generator: torch.Generator) -> State:
+                 expected_clients: float, random: PrivateRandom) -> State:
     """(total + Gaussian noise of std sigma * C) / expected_clients, for a sum the server got
     either by adding the clipped updates itself or from secure aggregation."""
     std = noise_multiplier * clip_norm
-    return {key: (value.to(torch.float32)
-                  + torch.normal(0.0, std, size=value.shape, generator=generator))
-            / expected_clients for key, value in total.items()}
+    return {key: (value.to(torch.float32) + random.normal(value.shape, std)) / expected_clients
+            for key, value in total.items()}
+
+
+def upload_clip_norm(clip_norm: float, *, num_values: int, secagg_clip_range: float | None = None,
+                     secagg_quant_range: int | None = None) -> float:
+    """The norm a phone clips its update to before it leaves.
+
+    Plain uploads: the accounted `clip_norm`. Through SecAgg+ each coordinate is stochastically
+    rounded to a grid of step 2 * clip_range / quant_range, which can move an update by up to
+    one step per coordinate, i.e. step * sqrt(num_values) in L2: the phone clips to `clip_norm`
+    minus that, so what the server sums never exceeds the sensitivity the accountant assumes.
+    """
+    if secagg_clip_range is None or secagg_quant_range is None:
+        return clip_norm
+    room = 2 * secagg_clip_range / secagg_quant_range * math.sqrt(num_values)
+    if room >= clip_norm / 2:
+        raise ValueError(f"SecAgg+ quantisation error up to {room:.3g} leaves no room under "
+                         f"privacy.user.clip_norm={clip_norm:g}; raise "
+                         "aggregation.secagg_quant_range or lower aggregation.secagg_clip_range")
+    return clip_norm - room

@@ -18,6 +18,7 @@ from opacus.optimizers import DPOptimizer
 
 from fedmilm.data.chat import Batch, Example, batches, collate
 from fedmilm.privacy.accountant import Accountant
+from fedmilm.privacy.randomness import PrivateRandom
 from fedmilm.training.loss import per_example_loss
 
 
@@ -39,6 +40,22 @@ class DpSgd:
     noise_multiplier: float
     max_grad_norm: float
     accountant: Accountant  # charged once per noisy step
+    random: PrivateRandom   # Poisson masks and noise: secret from everyone but the phone
+
+
+class _PrivateNoiseOptimizer(DPOptimizer):
+    """Opacus's DP optimizer with its Gaussian noise drawn from the phone's `PrivateRandom`
+    (Opacus's own secure mode needs torchcsprng, which has no build for this torch)."""
+
+    def __init__(self, *args, random: PrivateRandom, **kwargs) -> None:  # noqa: ANN002,ANN003
+        super().__init__(*args, **kwargs)
+        self.private_random = random
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            noise = self.private_random.normal(p.summed_grad.shape, std, p.summed_grad.dtype)
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
 
 
 def planned_steps(num_examples: int, *, epochs: int, batch_size: int) -> int:
@@ -52,27 +69,29 @@ def dp_sample_rate(num_examples: int, *, batch_size: int) -> float:
 
 
 def _poisson_batches(examples: list[Example], *, sample_rate: float, steps: int, pad_id: int,
-                     generator: torch.Generator) -> Iterator[Batch | None]:
+                     random: PrivateRandom) -> Iterator[Batch | None]:
     """Each step includes every example independently with probability `sample_rate`, the
     sampling the accountant's amplification bound assumes. None marks an empty draw."""
     for _ in range(steps):
-        keep = torch.rand(len(examples), generator=generator) < sample_rate
+        keep = random.uniform(len(examples)) < sample_rate
         chosen = [examples[i] for i in keep.nonzero().flatten().tolist()]
         yield collate(chosen, pad_id) if chosen else None
 
 
 def batch_plan(examples: list[Example], *, epochs: int, batch_size: int, pad_id: int,
-               generator: torch.Generator, poisson: bool) -> Iterator[Batch | None]:
-    """The batches of one local training: shuffled epochs, or Poisson draws (DP-SGD).
-    Every runtime (eager, ExecuTorch) trains on exactly this plan for a given generator."""
-    if not poisson:
+               generator: torch.Generator,
+               poisson: PrivateRandom | None = None) -> Iterator[Batch | None]:
+    """The batches of one local training: shuffled epochs (from the seeded `generator`), or
+    Poisson draws from the phone's private randomness (DP-SGD). Every runtime (eager,
+    ExecuTorch) trains on exactly this plan for the same generator and randomness."""
+    if poisson is None:
         return (batch for _ in range(epochs)
                 for batch in batches(examples, batch_size=batch_size, pad_id=pad_id,
                                      generator=generator))
     steps = planned_steps(len(examples), epochs=epochs, batch_size=batch_size)
     return _poisson_batches(examples, sample_rate=dp_sample_rate(len(examples),
                                                                  batch_size=batch_size),
-                            steps=steps, pad_id=pad_id, generator=generator)
+                            steps=steps, pad_id=pad_id, random=poisson)
 
 
 def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
@@ -84,11 +103,22 @@ def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
                   batch.labels[i:i + size]) for i in range(0, rows, size)]
 
 
+def _noise_only_step(optimizer: DPOptimizer | None, params: list[torch.nn.Parameter]) -> None:
+    """The DP-SGD step of an empty batch: zero clipped gradients plus noise, charged by the
+    optimizer's accountant hook like any other step."""
+    assert optimizer is not None, "only Poisson sampling draws empty batches"
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter],
                 examples: list[Example], *, epochs: int, batch_size: int, lr: float,
                 weight_decay: float, pad_id: int, seed: int,
                 dp: DpSgd | None = None, micro_batch: int | None = None) -> TrainStats:
-    """AdamW on `params`; deterministic given `seed`.
+    """AdamW on `params`; deterministic given `seed` without DP. Under DP-SGD the batches and
+    the noise come from `dp.random`, which the seed does not determine.
 
     A fresh optimizer each round: phones keep no optimizer state between rounds (it would
     double the personal storage and go stale while the phone is not sampled). With
@@ -102,26 +132,25 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter],
     generator = torch.Generator().manual_seed(seed)
     module: torch.nn.Module = model
     plan = batch_plan(examples, epochs=epochs, batch_size=batch_size, pad_id=pad_id,
-                      generator=generator, poisson=dp is not None)
+                      generator=generator, poisson=None if dp is None else dp.random)
     dp_optimizer: DPOptimizer | None = None
     if dp is not None:
         sample_rate = dp_sample_rate(len(examples), batch_size=batch_size)
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = dp_optimizer = DPOptimizer(
+        optimizer = dp_optimizer = _PrivateNoiseOptimizer(
             optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=batch_size)
+            expected_batch_size=batch_size, random=dp.random)
         optimizer.attach_step_hook(dp.accountant.opacus.get_optimizer_hook_fn(sample_rate))
     started = time.perf_counter()
     loss_sum, done, seen, tokens = 0.0, 0, 0, 0
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # LoRA dropout and DP noise draw from the global generator
+            torch.manual_seed(seed)  # LoRA dropout draws from the global generator
             module.train()
             for batch in plan:
                 done += 1
-                if batch is None:  # empty Poisson draw, probability (1-q)^n: nothing to send
-                    dp.accountant.step(noise_multiplier=dp.noise_multiplier,  # type: ignore
-                                       sample_rate=sample_rate)
+                if batch is None:  # empty Poisson draw, probability (1-q)^n: a noise-only step,
+                    _noise_only_step(dp_optimizer, params)  # as the accountant assumes
                     continue
                 rows = batch.input_ids.size(0)
                 parts = micro_batches(batch, micro_batch)

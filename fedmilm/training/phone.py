@@ -92,7 +92,8 @@ def _train_on_device(programs: PhonePrograms, state: State, examples: list[Examp
     job = TrainJob(epochs=train.epochs, batch_size=train.batch_size,
                    sampling="poisson" if dp else "shuffle",
                    noise_multiplier=dp.noise_multiplier if dp else None,
-                   max_grad_norm=dp.max_grad_norm if dp else None, seed=seed)
+                   max_grad_norm=dp.max_grad_norm if dp else None,
+                   seed=dp.random.test_seed if dp else seed)  # DP: the runtime's own CSPRNG
     manifest = programs.manifest
     result_ptd, result = train_with_programs(programs, adapter_to_ptd(manifest, state),
                                              examples, job, pad_id=pad_id)

@@ -12,6 +12,7 @@ from fedmilm.adapters import cached_adapter_space
 from fedmilm.clients.app import app
 from fedmilm.clients.storage import PERSONAL_FILE
 from fedmilm.config import to_yaml
+from fedmilm.privacy.policy import POLICY_FILE, PhonePolicy, policy_for_run
 from tests.conftest import tiny_config
 
 
@@ -20,20 +21,31 @@ def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
 
 
-def _call(cfg, message_type: str, tmp_path, user: int = 0, server_round: int = 1) -> Message:
+def _call(cfg, message_type: str, tmp_path, user: int = 0, server_round: int = 1, *,
+          policy: PhonePolicy | None = None, diagnostics: bool = False) -> Message:
+    """One message through the deployed app, with the node config a real phone has: its own
+    storage folder and its own policy file (by default: accepting what `cfg` asks)."""
     from fedmilm.privacy.calibrate import resolve_privacy
 
     cfg = resolve_privacy(cfg)
     space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
                                  seed=cfg.seed)
     config = ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.RUN_CONFIG: to_yaml(cfg),
-                           protocol.STORAGE_ROOT: str(tmp_path / "devices")})
+                           "storage-root": str(tmp_path / "server-says")})  # must be ignored
     content = RecordDict({protocol.GLOBAL_ARRAYS:
                           ArrayRecord(space.initial_state(space.global_keys)),
                           protocol.CONFIG: config})
     msg = Message(content=content, dst_node_id=11, message_type=message_type)
-    context = Context(run_id=1, node_id=11, node_config={protocol.PARTITION_ID: user},
-                      state=RecordDict(), run_config={})
+    own = tmp_path / "devices" / str(user)
+    own.mkdir(parents=True, exist_ok=True)
+    policy_path = own / POLICY_FILE
+    policy_path.write_text((policy or policy_for_run(cfg.privacy)).to_json())
+    node_config = {protocol.PARTITION_ID: user, protocol.DEVICE_DIR: str(own),
+                   protocol.PRIVACY_POLICY: str(policy_path)}
+    if diagnostics:
+        node_config[protocol.DIAGNOSTICS_DIR] = str(tmp_path / "diagnostics")
+    context = Context(run_id=1, node_id=11, node_config=node_config, state=RecordDict(),
+                      run_config={})
     return app(msg, context)
 
 
@@ -88,7 +100,6 @@ def test_user_level_updates_leave_the_phone_clipped(tmp_path):
     reply = _call(cfg, MessageType.TRAIN, tmp_path, user=1)
     update = reply.content.array_records[protocol.UPDATE_ARRAYS].to_torch_state_dict()
     assert l2_norm(update) == pytest.approx(0.01, rel=1e-4)  # trained far more, sent clipped
-    assert protocol.EPSILON_SAMPLE not in reply.content.metric_records[protocol.METRICS]
 
 
 def test_sample_level_ledger_composes_and_the_phone_declines_past_its_budget(tmp_path):
@@ -105,14 +116,14 @@ def test_sample_level_ledger_composes_and_the_phone_declines_past_its_budget(tmp
     cfg = tiny_config("privacy=sample", "privacy.sample.noise_multiplier=1.0",
                       f"privacy.sample.target_epsilon={one_round * 1.05}")
     first = _call(cfg, MessageType.TRAIN, tmp_path, user=4, server_round=1)
-    eps = first.content.metric_records[protocol.METRICS][protocol.EPSILON_SAMPLE]
-    assert eps == pytest.approx(one_round, rel=1e-3)
+    assert first.content.metric_records[protocol.METRICS][protocol.LEDGER_TRAININGS] == 1
     ledger = json.loads((tmp_path / "devices" / "4" / LEDGER_FILE).read_text())
     assert ledger["history"] == [[1.0, batch / n, steps]]
     second = _call(cfg, MessageType.TRAIN, tmp_path, user=4, server_round=2)
     metrics = second.content.metric_records[protocol.METRICS]
     assert metrics[protocol.DECLINED] == 1 and not second.content.array_records
-    assert metrics[protocol.EPSILON_SAMPLE] == pytest.approx(eps)  # nothing more was spent
+    again = json.loads((tmp_path / "devices" / "4" / LEDGER_FILE).read_text())
+    assert again["history"] == ledger["history"]  # nothing more was spent
 
 
 def test_phone_declines_when_its_device_policy_says_no(tmp_path, monkeypatch):
@@ -139,3 +150,112 @@ def test_phone_declines_when_training_cannot_fit_its_memory_budget(tmp_path):
     metrics = reply.content.metric_records[protocol.METRICS]
     assert metrics[protocol.DECLINED] == protocol.DECLINED_MEMORY
     assert not (tmp_path / "devices" / "0" / PERSONAL_FILE).exists()
+
+
+@pytest.mark.parametrize("mode", ["sample", "user", "both"])
+def test_a_dp_phone_sends_its_update_and_nothing_derived_from_its_data(tmp_path, mode):
+    """No example count, loss, token count, timing or epsilon on the wire under DP."""
+    reply = _call(tiny_config(f"privacy={mode}"), MessageType.TRAIN, tmp_path, user=1)
+    assert list(reply.content.array_records) == [protocol.UPDATE_ARRAYS]
+    metrics = reply.content.metric_records[protocol.METRICS]
+    allowed = {protocol.LEDGER_TRAININGS} if mode != "user" else set()
+    assert set(metrics) == allowed
+
+
+def test_a_dp_phone_releases_no_evaluation(tmp_path):
+    """Deployed (no diagnostics folder): it declines. Simulated: it leaves its losses on the
+    researcher's disk, outside the wire, and replies with nothing."""
+    cfg = tiny_config("privacy=sample")
+    reply = _call(cfg, MessageType.EVALUATE, tmp_path, user=2)
+    assert dict(reply.content.metric_records[protocol.METRICS]) == {
+        protocol.DECLINED: protocol.DECLINED_POLICY}
+    reply = _call(cfg, MessageType.EVALUATE, tmp_path, user=2, diagnostics=True)
+    assert not reply.content.array_records and not dict(
+        reply.content.metric_records[protocol.METRICS])
+    left = list((tmp_path / "diagnostics").rglob("2.json"))
+    assert len(left) == 1 and protocol.LOSS_BASE in left[0].read_text()
+
+
+def _stricter(cfg, **changes) -> PhonePolicy:
+    import dataclasses
+
+    return dataclasses.replace(policy_for_run(cfg.privacy), **changes)
+
+
+@pytest.mark.parametrize("overrides,changes", [
+    (["privacy=none"], {"allow_no_dp": False}),
+    (["privacy=sample", "privacy.sample.noise_multiplier=0.9"], {"min_sample_noise": 1.0}),
+    (["privacy=user", "privacy.user.noise_multiplier=0.5"], {"min_user_noise": 1.0}),
+    (["privacy=user", "privacy.user.clip_norm=5"], {"max_user_clip": 1.0}),
+    (["privacy=sample", "privacy.delta=1e-3"], {"delta": 1e-5}),
+    (["privacy=sample", "privacy.seeded_noise=true"], {"allow_seeded_noise": False}),
+])
+def test_a_server_asking_for_less_than_the_phones_policy_is_declined(tmp_path, overrides,
+                                                                    changes):
+    cfg = tiny_config(*overrides)
+    reply = _call(cfg, MessageType.TRAIN, tmp_path, user=3, policy=_stricter(cfg, **changes))
+    assert not reply.content.array_records
+    metrics = reply.content.metric_records[protocol.METRICS]
+    assert metrics[protocol.DECLINED] == protocol.DECLINED_POLICY
+    assert not (tmp_path / "devices" / "3" / PERSONAL_FILE).exists()  # nothing trained
+    assert not (tmp_path / "server-says").exists()  # the server's path was never written
+
+
+def test_the_phones_own_epsilon_cap_wins_over_a_larger_server_target(tmp_path):
+    cfg = tiny_config("privacy=sample", "privacy.sample.target_epsilon=1000")
+    reply = _call(cfg, MessageType.TRAIN, tmp_path, user=3,
+                  policy=_stricter(cfg, max_sample_epsilon=0.01))
+    assert reply.content.metric_records[protocol.METRICS][protocol.DECLINED] == \
+        protocol.DECLINED_BUDGET
+
+
+@pytest.mark.parametrize("damage", ["delete", "roll back", "corrupt"])
+def test_a_lost_or_tampered_ledger_next_to_trained_state_stops_training(tmp_path, damage):
+    from fedmilm.clients.privacy import LEDGER_FILE
+
+    cfg = tiny_config("privacy=sample", "privacy.sample.target_epsilon=null")
+    ledger = tmp_path / "devices" / "5" / LEDGER_FILE
+    _call(cfg, MessageType.TRAIN, tmp_path, user=5, server_round=1)
+    after_one = ledger.read_text()
+    _call(cfg, MessageType.TRAIN, tmp_path, user=5, server_round=2)
+    if damage == "delete":
+        ledger.unlink()
+    elif damage == "roll back":
+        ledger.write_text(after_one)  # a valid file, one training behind
+    else:
+        ledger.write_text(ledger.read_text()[:-30])
+    reply = _call(cfg, MessageType.TRAIN, tmp_path, user=5, server_round=3)
+    assert reply.content.metric_records[protocol.METRICS][protocol.DECLINED] == \
+        protocol.DECLINED_LEDGER
+    assert not reply.content.array_records
+
+
+def test_a_phone_without_its_own_storage_in_its_node_config_refuses(tmp_path):
+    cfg = tiny_config()
+    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                 seed=cfg.seed)
+    config = ConfigRecord({protocol.SERVER_ROUND: 1, protocol.RUN_CONFIG: to_yaml(cfg),
+                           "storage-root": str(tmp_path / "server-says")})
+    msg = Message(content=RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(
+        space.initial_state(space.global_keys)), protocol.CONFIG: config}),
+        dst_node_id=11, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=11, node_config={protocol.PARTITION_ID: 0},
+                      state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match=protocol.DEVICE_DIR):
+        app(msg, context)
+    assert not (tmp_path / "server-says").exists()
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_dp_sgd_cannot_be_replayed_from_the_public_config(tmp_path, seeded):
+    """An adversary holding config.yaml reruns the phone's training on the same data and seed:
+    with the phone's CSPRNG the update differs (batch masks and noise are secret); only
+    `privacy.seeded_noise=true` (tests) makes it replayable, which proves the check can fail."""
+    cfg = tiny_config("privacy=sample", "privacy.sample.target_epsilon=null",
+                      f"privacy.seeded_noise={str(seeded).lower()}")
+    phone = _call(cfg, MessageType.TRAIN, tmp_path / "phone", user=6)
+    replay = _call(cfg, MessageType.TRAIN, tmp_path / "adversary", user=6)
+    a, b = (r.content.array_records[protocol.UPDATE_ARRAYS].to_torch_state_dict()
+            for r in (phone, replay))
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    assert same == seeded

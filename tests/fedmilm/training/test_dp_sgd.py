@@ -11,6 +11,7 @@ from fedmilm.adapters import build_adapter_space, save_global_adapter
 from fedmilm.data import batches, encode_all, load_user
 from fedmilm.model import load_base_model
 from fedmilm.privacy import Accountant
+from fedmilm.privacy.randomness import SeededRandom
 from fedmilm.training import DpSgd, per_example_loss, planned_steps, train_local, train_phone
 from tests.conftest import tiny_config
 
@@ -32,7 +33,7 @@ def _dp_train(cfg, space, examples, *, noise=0.5, clip=1.0, seed=3):
                         batch_size=8, lr=cfg.train.lr, weight_decay=0.0,
                         pad_id=space.tokenizer.pad_token_id, seed=seed,
                         dp=DpSgd(noise_multiplier=noise, max_grad_norm=clip,
-                                 accountant=accountant))
+                                 accountant=accountant, random=SeededRandom(seed)))
     return stats, accountant, space.state(space.global_keys)
 
 
@@ -45,7 +46,7 @@ def test_every_dp_step_is_charged_to_the_accountant(setup):
     assert accountant.epsilon(1e-5) > 0
 
 
-def test_dp_training_is_seeded_and_leaves_no_opacus_hooks(setup):
+def test_seeded_dp_training_replays_and_leaves_no_opacus_hooks(setup):
     cfg, space, examples = setup
     _, _, a = _dp_train(cfg, space, examples, seed=5)
     _, _, b = _dp_train(cfg, space, examples, seed=5)
