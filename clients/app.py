@@ -196,15 +196,15 @@ def simulated_phone_mod(device_root: str, diagnostics_dir: str):  # noqa: ANN201
     return mod
 
 
-def make_client_app(device_root: str | None = None,
-                    diagnostics_dir: str | None = None) -> ClientApp:
+def make_client_app(device_root: str | None = None, diagnostics_dir: str | None = None, *,
+                    mods: tuple = (), train_mods: tuple = (secure_aggregation_mod,)) -> ClientApp:
     """The phone app. Deployment: `app` below (node config from the SuperNode). Simulation:
-    bound to the simulated phones' storage root and the diagnostics folder."""
-    mods = [] if device_root is None else [simulated_phone_mod(device_root,
-                                                               str(diagnostics_dir))]
-    client = ClientApp(mods=mods)
+    bound to the simulated phones' storage root and the diagnostics folder. `mods` wrap every
+    message after the node config is set, `train_mods` the train handler (tests add faults)."""
+    own = [] if device_root is None else [simulated_phone_mod(device_root, str(diagnostics_dir))]
+    client = ClientApp(mods=[*own, *mods])
     client.query()(identify)
-    client.train(mods=[secure_aggregation_mod])(train)
+    client.train(mods=list(train_mods))(train)
     client.evaluate()(evaluate)
     return client
 

@@ -69,13 +69,12 @@ def _misbehave(msg: Message, context: Context, call) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-app = ClientApp(mods=[_misbehave])
-app.query()(phone_app.identify)
-app.train()(phone_app.train)
-app.evaluate()(phone_app.evaluate)
+def app(device_root: str, diagnostics: str) -> ClientApp:
+    """Simulated fedmilm phones, the chosen ones misbehaving."""
+    return phone_app.make_client_app(device_root, diagnostics, mods=(_misbehave,), train_mods=())
 
-# The same phones behind Flower's SecAgg+ (the fault mod sits inside it, on our own layout).
-secure_app = ClientApp()
-secure_app.query()(phone_app.identify)
-secure_app.train(mods=[secure_aggregation_mod, _misbehave])(phone_app.train)
-secure_app.evaluate()(phone_app.evaluate)
+
+def secure_app(device_root: str, diagnostics: str) -> ClientApp:
+    """The same phones behind Flower's SecAgg+ (the fault mod sits inside it, on our layout)."""
+    return phone_app.make_client_app(device_root, diagnostics,
+                                     train_mods=(secure_aggregation_mod, _misbehave))

@@ -12,6 +12,7 @@ from flwr.simulation import run_simulation
 from fedmilm.clients import app as phone_app
 from fedmilm.clients.storage import PERSONAL_FILE
 from fedmilm.config import to_yaml
+from fedmilm.privacy.policy import write_phone_policy
 from fedmilm.server.app import make_server_app
 from tests.conftest import tiny_config
 
@@ -36,8 +37,11 @@ def test_only_available_phones_are_sampled(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH",
                                                                                 "")]))
     run_dir = tmp_path / "run"
+    write_phone_policy(cfg.privacy, run_dir / "devices")
     run_simulation(server_app=make_server_app(to_yaml(cfg), str(run_dir)),
-                   client_app=phone_app.app, num_supernodes=4,
+                   client_app=phone_app.make_client_app(str(run_dir / "devices"),
+                                                        str(run_dir / "diagnostics")),
+                   num_supernodes=4,
                    backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

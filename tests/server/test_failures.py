@@ -21,6 +21,7 @@ from fedmilm.adapters import build_adapter_space
 from fedmilm.config import to_yaml
 from fedmilm.privacy.accountant import Accountant
 from fedmilm.privacy.calibrate import resolve_privacy
+from fedmilm.privacy.policy import write_phone_policy
 from fedmilm.server.app import make_server_app
 from tests.conftest import tiny_config
 from tests.server import faulty_phones
@@ -34,8 +35,11 @@ def _run(cfg, run_dir: Path, faults: dict[int, str], honest_dir: Path, monkeypat
     monkeypatch.setenv(faulty_phones.HONEST_DIR_ENV, str(honest_dir))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH",
                                                                                 "")]))
+    write_phone_policy(cfg.privacy, run_dir / "devices")
     run_simulation(server_app=make_server_app(to_yaml(cfg), str(run_dir)),
-                   client_app=faulty_phones.app, num_supernodes=cfg.federation.num_clients,
+                   client_app=faulty_phones.app(str(run_dir / "devices"),
+                                                str(run_dir / "diagnostics")),
+                   num_supernodes=cfg.federation.num_clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
 
@@ -86,7 +90,26 @@ def test_only_honest_updates_reach_the_global_adapter(tmp_path, monkeypatch, cap
     assert any(float((after[k] - initial[k]).abs().max()) > 0 for k in space.global_keys)
 
 
-def test_round_with_too_few_valid_replies_is_skipped_and_still_accounted(tmp_path, monkeypatch):
+def test_round_with_too_few_valid_replies_is_skipped(tmp_path, monkeypatch):
+    cfg = tiny_config("personalization=none", "federation.num_clients=4",
+                      "federation.clients_per_round=4", "federation.min_replies=3",
+                      "federation.rounds=1", "federation.round_timeout_s=60")
+    honest = tmp_path / "honest"
+    honest.mkdir()
+    _run(cfg, tmp_path / "run", {2: "crash", 3: "nan"}, honest, monkeypatch)
+
+    [row] = _rows(tmp_path / "run")
+    assert row["skipped"] and row["clients"] == 0 and row["rejected"] == 2
+    space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=cfg.seed)
+    initial = space.initial_state(space.global_keys)
+    after = _global(tmp_path / "run", 1)
+    assert all(torch.equal(after[k], initial[k]) for k in space.global_keys)
+
+
+def test_user_level_dp_releases_no_counts_and_never_skips_on_them(tmp_path, monkeypatch):
+    """Two of four phones fail: under user-level DP the round is still released (noisy mean
+    with the fixed denominator) and accounted, and neither the contributor count nor the
+    rejections appear in the outputs."""
     cfg = resolve_privacy(tiny_config(
         "personalization=none", "privacy=user", "privacy.seeded_noise=true",
         "privacy.user.noise_multiplier=1.0", "privacy.user.target_epsilon=null",
@@ -98,13 +121,13 @@ def test_round_with_too_few_valid_replies_is_skipped_and_still_accounted(tmp_pat
 
     rows = _rows(tmp_path / "run")
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["clients"] == 0 and r["rejected"] == 2 for r in rows)
+    assert all(not r["skipped"] and r["clients"] is None and r["rejected"] is None
+               and r["declined"] is None and r["bytes_up"] is None for r in rows)
     space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=cfg.seed)
     initial = space.initial_state(space.global_keys)
     after = _global(tmp_path / "run", 2)
-    for key in space.global_keys:
-        assert torch.equal(after[key], initial[key])  # skipped rounds leave it untouched
-    reference = Accountant("prv")  # a skipped round is still charged: q = 4/4 each round
+    assert any(not torch.equal(after[k], initial[k]) for k in space.global_keys)
+    reference = Accountant("prv")  # every round charged: q = 4/4 each round
     for _ in rows:
         reference.step(noise_multiplier=1.0, sample_rate=1.0)
     assert rows[-1]["epsilon_user"] == pytest.approx(reference.epsilon(cfg.privacy.delta))

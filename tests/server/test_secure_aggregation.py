@@ -58,11 +58,16 @@ def test_secure_aggregation_combines_with_user_level_dp(tmp_path, monkeypatch):
 
     rows = _rows(tmp_path / "run")
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["clients"] == 4 for r in rows)
+    assert all(r["clients"] is None for r in rows)  # not released under user-level DP
     assert 0 < rows[0]["epsilon_user"] < rows[1]["epsilon_user"]
-    for path in honest.iterdir():  # each phone clipped its update before masking
-        update = load_file(str(path))
+    space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=cfg.seed)
+    agg, values = cfg.aggregation, sum(v.numel() for v in space.initial_state(
+        space.global_keys).values())
+    room = 2 * agg.secagg_clip_range / agg.secagg_quant_range * values ** 0.5
+    assert honest.iterdir()
+    for path in honest.iterdir():  # each phone clipped its update before masking, leaving
+        update = load_file(str(path))  # room for SecAgg+'s quantisation error
         norm = sum(float(v.pow(2).sum()) for v in update.values()) ** 0.5
-        assert norm <= 0.05 * (1 + 1e-4)
+        assert norm <= (0.05 - room) * (1 + 1e-4)
     history = json.loads((tmp_path / "run" / "privacy_accountant.json").read_text())
     assert sum(entry[2] for entry in history["history"]) == 2

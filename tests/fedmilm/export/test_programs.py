@@ -15,6 +15,7 @@ from fedmilm.export.manifest import Manifest
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter, read_ptd, write_ptd
 from fedmilm.export.runtime import pad_to_program
 from fedmilm.privacy import Accountant
+from fedmilm.privacy.randomness import SeededRandom
 from fedmilm.training import DpSgd, per_example_loss, train_local, train_phone
 from fedmilm.training.memory import MemoryPlan
 from tests.conftest import tiny_config
@@ -100,7 +101,7 @@ def test_exported_dp_step_matches_opacus_through_the_phone_path(exported):
         accountant = Accountant("prv")
         outcomes.append(train_phone(
             space, global_state=global_state, personal_state=personal_state, examples=examples,
-            train=cfg.train, seed=3, dp=DpSgd(0.8, 1.0, accountant),
+            train=cfg.train, seed=3, dp=DpSgd(0.8, 1.0, accountant, SeededRandom(3)),
             plan=MemoryPlan(MICRO, False, 0), programs=programs if on_device else None))
         accountants.append(accountant)
     eager, device = outcomes
@@ -114,6 +115,10 @@ def test_exported_dp_step_matches_opacus_through_the_phone_path(exported):
     other, _ = _on_device(programs, start, examples, seed=4, dp=(0.8, 1.0))
     mine, _ = _on_device(programs, start, examples, seed=3, dp=(0.8, 1.0))
     assert max(float((other[k] - mine[k]).abs().max()) for k in start) > 1e-4
+    # A real phone's job carries no seed: its CSPRNG makes every run different.
+    first, _ = _on_device(programs, start, examples, seed=None, dp=(0.8, 1.0))
+    again, _ = _on_device(programs, start, examples, seed=None, dp=(0.8, 1.0))
+    assert max(float((first[k] - again[k]).abs().max()) for k in start) > 1e-4
 
 
 def test_jobs_are_validated():

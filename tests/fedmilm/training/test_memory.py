@@ -39,7 +39,8 @@ def _train(space, start, examples, *, micro_batch=None, checkpointing=False, dp=
     with gradient_checkpointing(space.model, checkpointing):
         train_local(space.model, space.trainable_parameters(), examples, epochs=1, batch_size=8,
                     lr=0.02, weight_decay=0.0, pad_id=space.tokenizer.pad_token_id, seed=4,
-                    dp=DpSgd(0.7, 1.0, accountant, SeededRandom(4)) if dp else None, micro_batch=micro_batch)
+                    dp=DpSgd(0.7, 1.0, accountant, SeededRandom(4)) if dp else None,
+                    micro_batch=micro_batch)
     return space.state(tuple(space.initial)), accountant
 
 
