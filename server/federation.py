@@ -258,7 +258,11 @@ def _start_state(cfg: FedMilmConfig, space: AdapterSpace, aggregator: Aggregator
         if metrics_path.exists() else []  # rounds after the checkpoint: redone
     lines = [json.dumps(r) for r in kept]
     if not kept or kept[-1]["round"] < state.round:  # accounted and released, never recorded
-        lines.append(json.dumps(asdict(interrupted_record(state.round))))
+        dp = cfg.privacy.any_dp
+        lines.append(json.dumps(asdict(interrupted_record(
+            state.round, epsilon_user=aggregator.epsilon(),
+            delta=cfg.privacy.delta if dp else None,
+            accountant=cfg.privacy.accountant if dp else None))))
     metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     log.info("resume: continuing after round %d from %s", state.round, path)
     return state

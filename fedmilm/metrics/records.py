@@ -57,12 +57,15 @@ DIAGNOSTICS_LABEL = ("simulator: per-phone values the virtual phones left on dis
                      "wire protocol and outside the DP guarantee")
 
 
-def interrupted_record(server_round: int) -> RoundRecord:
-    """The line for a round that was accounted and checkpointed but never recorded."""
+def interrupted_record(server_round: int, *, epsilon_user: float | None,
+                       delta: float | None, accountant: str | None) -> RoundRecord:
+    """The line for a round that was accounted and checkpointed but never recorded (its
+    privacy fields come from the checkpointed accountant)."""
     return RoundRecord(round=server_round, clients=None, sampled=None, rejected=None,
                        declined=None, train_loss=None, loss_base=None, loss_global=None,
                        loss_personal=None, bytes_up=None, bytes_down=None, seconds=None,
-                       tokens_per_s=None, interrupted=True)
+                       tokens_per_s=None, epsilon_user=epsilon_user, delta=delta,
+                       accountant=accountant, interrupted=True)
 
 
 def losses_by_rank(evals: list[ClientEval]) -> dict[str, dict] | None:

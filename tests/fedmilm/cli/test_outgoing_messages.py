@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from fedmilm import protocol
@@ -22,6 +21,7 @@ from fedmilm.adapters import build_adapter_space
 from fedmilm.clients import app as phone_app
 from fedmilm.config import to_yaml
 from fedmilm.privacy.calibrate import resolve_privacy
+from fedmilm.privacy.policy import write_phone_policy
 from fedmilm.privacy.user_level import l2_norm
 from fedmilm.server.app import make_server_app
 from tests.conftest import tiny_config
@@ -47,38 +47,37 @@ def _recorder(msg: Message, context: Context, call) -> Message:
     return reply
 
 
-def _recording_app() -> ClientApp:
-    app = ClientApp(mods=[_recorder])
-    app.query()(phone_app.identify)
-    app.train()(phone_app.train)
-    app.evaluate()(phone_app.evaluate)
-    return app
-
-
-@pytest.mark.parametrize("mode", ["fedsa", "dual"])
-def test_no_personal_tensor_or_text_leaves_a_phone(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode,privacy", [("fedsa", "user"), ("dual", "both")])
+def test_no_personal_tensor_or_text_leaves_a_phone(tmp_path, monkeypatch, mode, privacy):
+    """Every reply of a DP federation: the clipped global update, and under DP-SGD the ledger
+    count the server already knows; nothing else derived from a phone's data."""
     clip = 0.02
     cfg = resolve_privacy(tiny_config(
-        f"personalization={mode}", "privacy=user", "privacy.seeded_noise=true",
+        f"personalization={mode}", f"privacy={privacy}",
         f"privacy.user.clip_norm={clip}", "federation.num_clients=3",
         "federation.clients_per_round=2", "federation.min_replies=1", "federation.rounds=2",
-        "train.lr=0.05"))
+        "privacy.delta=1e-3", "privacy.sample.target_epsilon=null", "train.lr=0.05"))
     logs = tmp_path / "outgoing"
     logs.mkdir()
     monkeypatch.setenv(LOG_DIR_ENV, str(logs))  # Ray workers inherit the environment...
     root = str(Path(__file__).resolve().parents[3])  # ...and import this module's recorder
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    write_phone_policy(cfg.privacy, tmp_path / "run" / "devices")
     run_simulation(server_app=make_server_app(to_yaml(cfg), str(tmp_path / "run")),
-                   client_app=_recording_app(), num_supernodes=3,
+                   client_app=phone_app.make_client_app(str(tmp_path / "run" / "devices"),
+                                                        str(tmp_path / "run" / "diagnostics"),
+                                                        mods=(_recorder,)),
+                   num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
     entries = [json.loads(p.read_text()) for p in logs.iterdir()]
     space = build_adapter_space(cfg.model, cfg.lora, mode=mode, seed=cfg.seed)
     trains = [e for e in entries if e["type"] == "train"]
     assert trains and len(entries) > len(trains)  # both kinds of reply were inspected
+    allowed = {protocol.LEDGER_TRAININGS} if privacy == "both" else set()
     for entry in entries:
         assert entry["config_records"] == []  # no strings of any kind go back
-        assert set(entry["metrics"].values()) <= {"int", "float"}
+        assert set(entry["metrics"]) <= allowed  # no count, loss, token, timing or epsilon
     for entry in trains:
         assert entry["array_records"] == [protocol.UPDATE_ARRAYS]
         assert entry["array_keys"] == sorted(space.global_keys)

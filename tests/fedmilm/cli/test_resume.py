@@ -75,3 +75,81 @@ def test_resume_refuses_other_overrides_and_missing_runs(tmp_path):
     assert done.returncode == 2
     assert "drop the other overrides (seed=3)" in done.stderr
     assert "no config.yaml there" in done.stderr
+
+
+class _CrashAtFirstRelease:
+    """A Grid that dies the moment the server first sends out anything derived from round 1's
+    aggregate (the evaluate messages), after noting what it would have released."""
+
+    def __init__(self, grid, released: list) -> None:
+        self.grid, self.released = grid, released
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - everything else is the real Grid
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201
+        if messages and messages[0].metadata.message_type == "evaluate":
+            self.released.append(messages[0].content.array_records["global"]
+                                 .to_torch_state_dict())
+            raise SystemExit("killed in the release window")
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class _Recording(_CrashAtFirstRelease):
+    """A Grid that notes the global part of every train message (nothing crashes)."""
+
+    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201
+        if messages and messages[0].metadata.message_type == "train":
+            self.released.append(messages[0].content.array_records["global"]
+                                 .to_torch_state_dict())
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def _serve(cfg, run_dir: Path, grid_type, released: list) -> None:
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedmilm.clients.app import make_client_app
+    from fedmilm.privacy.policy import write_phone_policy
+    from fedmilm.server.federation import run_federation
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context) -> None:  # noqa: ANN001
+        run_federation(grid_type(grid, released), cfg, run_dir, diagnostics=run_dir / "diag")
+
+    write_phone_policy(cfg.privacy, run_dir / "devices")
+    run_simulation(server_app=server, num_supernodes=cfg.federation.num_clients,
+                   client_app=make_client_app(str(run_dir / "devices"), str(run_dir / "diag")),
+                   backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+
+
+def test_a_crash_in_the_release_window_resends_the_accounted_aggregate(tmp_path):
+    """Round 1's noisy aggregate is checkpointed with its accountant step before it is first
+    sent; after a crash at that moment the resumed run sends exactly that aggregate on, and
+    the accountant holds one step per round: nothing released twice under one charge."""
+    from dataclasses import replace
+
+    from fedmilm.privacy.calibrate import resolve_privacy
+    from tests.conftest import tiny_config
+
+    cfg = resolve_privacy(tiny_config(*RUN[1:], "federation.rounds=2"))
+    run_dir = tmp_path / "run"
+    first: list = []
+    _serve(cfg, run_dir, _CrashAtFirstRelease, first)
+    assert len(first) == 1 and (run_dir / "checkpoints" / "round_0001").is_dir()
+    accounted = json.loads((run_dir / "privacy_accountant.json").read_text())["history"]
+    assert sum(entry[2] for entry in accounted) == 1  # charged before the release
+
+    again: list = []
+    _serve(replace(cfg, resume=str(run_dir)), run_dir, _Recording, again)
+    assert len(again) == 1  # round 2's train messages carry round 1's aggregate
+    for key, value in first[0].items():
+        assert torch.equal(again[0][key], value)
+    rows = _rows(run_dir)
+    assert [(r["round"], r["interrupted"]) for r in rows] == [(1, True), (2, False)]
+    assert rows[0]["epsilon_user"] is not None
+    history = json.loads((run_dir / "privacy_accountant.json").read_text())["history"]
+    assert sum(entry[2] for entry in history) == 2

@@ -132,9 +132,40 @@ def test_insecure_mode_must_be_asked_for_and_configs_are_well_formed(tmp_path):
     secure = cli_config("127.0.0.1:9000", creds.ca_cert)
     assert "insecure =" not in secure and str(creds.ca_cert) in secure
     assert "insecure = true" in cli_config("127.0.0.1:9000", None)
-    assert node_config(3, 8, Path("/data/p3")) == ("partition-id=3 num-partitions=8 "
-                                                   "device-dir='/data/p3'")
+    assert node_config(3, 8, Path("/data/p3")) == (
+        "partition-id=3 num-partitions=8 device-dir='/data/p3' "
+        "privacy-policy='/data/p3/privacy_policy.json'")
     with pytest.raises(ValueError, match="quotes"):
         node_config(0, 1, Path("/tmp/it's"))
     assert (tmp_path / "c" / "ca.key").stat().st_mode & 0o777 == 0o600
     assert creds.node_key(0).stat().st_mode & 0o777 == 0o600
+
+
+def test_deployed_dp_run_writes_nothing_per_phone(tmp_path):
+    """`fedmilm-deploy` under both DP levels: the phones train and keep their ledgers in their
+    own storage; the server's outputs hold no per-phone row, loss or count."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run([*DEPLOY, "model=tiny", *SMALL, "federation.rounds=1", "privacy=both",
+                           "privacy.delta=1e-3", f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, timeout=600,
+                          preexec_fn=_ctrl_c_enabled)
+    try:
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    finally:
+        kill_strays(str(run_dir))
+    [row] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["per_client"] == [] and row["diagnostics"] is None
+    assert all(row[k] is None for k in ("clients", "rejected", "declined", "train_loss",
+                                        "loss_base", "loss_global", "loss_personal",
+                                        "epsilon_sample_max"))
+    assert row["epsilon_user"] > 0 and not (run_dir / "diagnostics").exists()
+    ledgers = list((run_dir / "devices").glob("*/privacy_ledger.json"))
+    assert ledgers  # kept by the phones that trained, in their own folders
+
+
+def test_deploy_refuses_seeded_dp_noise(tmp_path):
+    done = subprocess.run([*DEPLOY, "model=tiny", "privacy=sample", "privacy.seeded_noise=true",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert "privacy.seeded_noise=true" in done.stderr and "refuses" in done.stderr
