@@ -1,8 +1,10 @@
 """DP-SGD overhead: one local step with Opacus vs without, per Opacus mode, side by side.
 
-Modes: `none` (plain AdamW step), `hooks` (Opacus per-example gradients via module hooks: what
-`fedmilm.training.train_local` uses), `functorch` (per-example gradients via torch.func), `ghost`
-(ghost clipping: per-example norms without per-example gradients, two backward passes).
+Modes: `none` (plain AdamW step), `hooks` (Opacus per-example gradients via module hooks, noise
+from torch's generator), `hooks-csprng` (what `fedmilm.training.train_local` runs: hooks, noise
+from the phone's CSPRNG, four normals per coordinate as in Opacus's secure mode), `functorch`
+(per-example gradients via torch.func), `ghost` (ghost clipping: per-example norms without
+per-example gradients, two backward passes).
 Steps are interleaved across modes so machine noise hits all alike; medians are reported.
 
     python benchmarks/dp_step.py [--steps N] [--batch B] [--seq T] [hydra overrides...]
@@ -28,9 +30,11 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from fedmilm.adapters import build_adapter_space  # noqa: E402
 from fedmilm.data import IGNORE  # noqa: E402
 from fedmilm.data.chat import Batch  # noqa: E402
+from fedmilm.privacy.randomness import SecureRandom  # noqa: E402
 from fedmilm.training import per_example_loss  # noqa: E402
+from fedmilm.training.local import PrivateNoiseDPOptimizer  # noqa: E402
 
-MODES = ("none", "hooks", "functorch", "ghost")
+MODES = ("none", "hooks", "hooks-csprng", "functorch", "ghost")
 
 
 def make_step(mode: str, model: torch.nn.Module, params: list, batch: Batch, size: int):
@@ -59,7 +63,8 @@ def make_step(mode: str, model: torch.nn.Module, params: list, batch: Batch, siz
         return step, gsm._close
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
                            force_functorch=mode == "functorch")
-    dp_opt = DPOptimizer(optimizer, **dp_args)
+    dp_opt = (PrivateNoiseDPOptimizer(optimizer, **dp_args, random=SecureRandom())
+              if mode == "hooks-csprng" else DPOptimizer(optimizer, **dp_args))
 
     def step() -> None:
         per_example_loss(gsm, batch).mean().backward()
@@ -108,6 +113,9 @@ def main() -> None:
         else:
             t = median(times[mode][1:])
             rows.append(f"| {mode} | {tokens / t:.1f} | {t / base:.2f} |")
+    if not {"hooks", "hooks-csprng"} & set(errors):
+        secure = median(times["hooks-csprng"][1:]) / median(times["hooks"][1:])
+        rows.append(f"| CSPRNG noise vs torch noise (hooks-csprng / hooks) | - | {secure:.2f} |")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     command = " ".join(["python benchmarks/dp_step.py", f"--steps {args.steps}",
                         f"--batch {args.batch}", f"--seq {args.seq}", *args.overrides])

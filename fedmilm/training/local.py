@@ -43,7 +43,7 @@ class DpSgd:
     random: PrivateRandom   # Poisson masks and noise: secret from everyone but the phone
 
 
-class _PrivateNoiseOptimizer(DPOptimizer):
+class PrivateNoiseDPOptimizer(DPOptimizer):
     """Opacus's DP optimizer with its Gaussian noise drawn from the phone's `PrivateRandom`
     (Opacus's own secure mode needs torchcsprng, which has no build for this torch)."""
 
@@ -137,7 +137,7 @@ def train_local(model: torch.nn.Module, params: list[torch.nn.Parameter],
     if dp is not None:
         sample_rate = dp_sample_rate(len(examples), batch_size=batch_size)
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = dp_optimizer = _PrivateNoiseOptimizer(
+        optimizer = dp_optimizer = PrivateNoiseDPOptimizer(
             optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             expected_batch_size=batch_size, random=dp.random)
         optimizer.attach_step_hook(dp.accountant.opacus.get_optimizer_hook_fn(sample_rate))

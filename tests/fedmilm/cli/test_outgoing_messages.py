@@ -77,7 +77,10 @@ def test_no_personal_tensor_or_text_leaves_a_phone(tmp_path, monkeypatch, mode, 
     allowed = {protocol.LEDGER_TRAININGS} if privacy == "both" else set()
     for entry in entries:
         assert entry["config_records"] == []  # no strings of any kind go back
-        assert set(entry["metrics"]) <= allowed  # no count, loss, token, timing or epsilon
+        if entry["type"] == "query":  # the identity query: the phone's pseudonym only
+            assert set(entry["metrics"]) == {protocol.DEVICE_ID}
+        else:  # no count, loss, token, timing or epsilon
+            assert set(entry["metrics"]) <= allowed
     for entry in trains:
         assert entry["array_records"] == [protocol.UPDATE_ARRAYS]
         assert entry["array_keys"] == sorted(space.global_keys)
