@@ -22,7 +22,7 @@ from fedmilm.clients.secure import secure_aggregation_mod
 
 FAULTS_ENV = "FEDMILM_TEST_FAULTS"        # JSON {device id: fault name}
 HONEST_DIR_ENV = "FEDMILM_TEST_HONEST_DIR"  # where honest updates are written for checking
-STRAGGLER_SLEEP_S = 40.0
+STRAGGLER_SLEEP_S = 50.0
 
 
 def _corrupt(update: dict[str, torch.Tensor], fault: str) -> dict[str, torch.Tensor]:

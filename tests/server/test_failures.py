@@ -64,7 +64,7 @@ def test_only_honest_updates_reach_the_global_adapter(tmp_path, monkeypatch, cap
     faults = {2: "crash", 3: "straggler", **BAD_UPDATES}
     cfg = tiny_config("personalization=none", "federation.num_clients=11",
                       "federation.clients_per_round=11", "federation.min_replies=2",
-                      "federation.rounds=1", "federation.round_timeout_s=20", "train.lr=0.05")
+                      "federation.rounds=1", "federation.round_timeout_s=30", "train.lr=0.05")
     honest = tmp_path / "honest"
     honest.mkdir()
     with caplog.at_level(logging.WARNING, logger="fedmilm.server"):
