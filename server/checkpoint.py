@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,6 +20,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from fedmilm.adapters import State
+
+log = logging.getLogger("fedmilm.server")
 
 KEEP = 2
 FORMAT_VERSION = 2
@@ -88,20 +91,49 @@ def save_checkpoint(folder: Path, state: ServerState, *, fingerprint: str) -> Pa
     return final
 
 
+class CheckpointMismatch(ValueError):
+    """The checkpoint belongs to another config or format: resuming from it would be wrong."""
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete round folder, or None when there is none."""
-    rounds = sorted(p for p in folder.glob(f"{_PREFIX}[0-9]*") if p.is_dir())
+    rounds = checkpoints(folder)
     return rounds[-1] if rounds else None
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Every complete round folder, oldest first."""
+    return sorted(p for p in folder.glob(f"{_PREFIX}[0-9]*") if p.is_dir())
+
+
+def round_of(path: Path) -> int:
+    """The round number a checkpoint folder is named after."""
+    return int(path.name.removeprefix(_PREFIX))
+
+
+def load_latest_intact(folder: Path, *, fingerprint: str) -> tuple[Path, ServerState] | None:
+    """The newest checkpoint that loads; a damaged newer one (a disk error, a hand edit) is
+    skipped with a warning. `CheckpointMismatch` (another config) is never skipped."""
+    for path in reversed(checkpoints(folder)):
+        try:
+            return path, load_checkpoint(path, fingerprint=fingerprint)
+        except CheckpointMismatch:
+            raise
+        except Exception as err:  # noqa: BLE001 - any damage: fall back to an older round
+            log.warning("checkpoint %s is damaged (%s: %s); trying the one before it", path,
+                        type(err).__name__, str(err).splitlines()[0][:120] if str(err) else "")
+    return None
 
 
 def load_checkpoint(path: Path, *, fingerprint: str) -> ServerState:
     """Read one round folder; refuses another config's or format's checkpoint."""
     meta = json.loads((path / "server.json").read_text(encoding="utf-8"))
     if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {meta.get('version')} is not supported")
+        raise CheckpointMismatch(f"{path}: checkpoint format {meta.get('version')} is not "
+                                 "supported")
     if meta["config"] != fingerprint:
-        raise ValueError(f"{path}: checkpoint was written under a different config; resume "
-                         "with the run's own config.yaml")
+        raise CheckpointMismatch(f"{path}: checkpoint was written under a different config; "
+                                 "resume with the run's own config.yaml")
     return ServerState(round=int(meta["round"]),
                        global_state=load_file(str(path / "global.safetensors")),
                        sampler=_sampler_from_json(meta["sampler"]),

@@ -36,9 +36,10 @@ from fedmilm.metrics.diagnostics import TRAIN as DIAG_TRAIN
 from fedmilm.metrics.diagnostics import read_diagnostics
 from fedmilm.server.checkpoint import (
     ServerState,
+    checkpoints,
     config_fingerprint,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_intact,
+    round_of,
     save_checkpoint,
 )
 from fedmilm.server.messages import (
@@ -51,6 +52,7 @@ from fedmilm.server.messages import (
     collect_evals,
     collect_updates,
     query_messages,
+    reject_outlying_norms,
     round_config,
 )
 from fedmilm.server.secure import secure_mean
@@ -182,6 +184,9 @@ def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round
     sorted_replies = collect_updates(replies, state.global_state, devices=wiring.devices,
                                      max_norm=aggregator.max_update_norm,
                                      dp=cfg.privacy.any_dp, quiet=secret)
+    if not secret:  # under user-level DP the clip bounds every phone (and keeps the analysis)
+        reject_outlying_norms(sorted_replies, multiple=fed.norm_bound_multiple,
+                              devices=wiring.devices)
     missing = len(cohort) - len(replies)
     if missing and not secret:
         log.warning("round %d: %d phone(s) did not reply within federation.round_timeout_s="
@@ -247,13 +252,16 @@ def _start_state(cfg: FedMilmConfig, space: AdapterSpace, aggregator: Aggregator
     if not cfg.resume:
         metrics_path.unlink(missing_ok=True)
         return fresh
-    path = latest_checkpoint(run_dir / CHECKPOINTS)
-    if path is None:
-        log.warning("resume: no complete round checkpointed in %s; starting at round 1", run_dir)
+    found = load_latest_intact(run_dir / CHECKPOINTS, fingerprint=fingerprint)
+    if found is None:
+        log.warning("resume: no intact round checkpointed in %s; starting at round 1", run_dir)
         metrics_path.unlink(missing_ok=True)
         return fresh
-    state = load_checkpoint(path, fingerprint=fingerprint)
+    path, state = found
     aggregator.load_state_dict(state.aggregator)
+    newest = max(round_of(p) for p in checkpoints(run_dir / CHECKPOINTS))
+    if newest > state.round:  # those rounds' aggregates may have been released: charge them
+        aggregator.charge_lost_rounds(newest - state.round)
     kept = [r for r in read_records(metrics_path) if r["round"] <= state.round] \
         if metrics_path.exists() else []  # rounds after the checkpoint: redone
     lines = [json.dumps(r) for r in kept]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -12,6 +13,7 @@ from fedmilm import protocol
 from fedmilm.adapters import State
 from fedmilm.aggregation import update_problem
 from fedmilm.metrics import ClientEval
+from fedmilm.privacy.user_level import l2_norm
 
 log = logging.getLogger("fedmilm.server")
 
@@ -111,12 +113,40 @@ def metric(metrics: object, key: str, kind: type, *, minimum: float | None = Non
     return kind(value)
 
 
+WIRE_DTYPES = {"float32": 4, "float16": 2}
+NPY_HEADER_SLACK = 4096  # bytes of .npy header allowed on top of the tensor's own bytes
+
+
+def undecoded_problem(arrays: ArrayRecord, reference: State) -> str | None:
+    """Check an update's arrays from their metadata alone, before any tensor is built: their
+    number, names, serialisation, dtypes, shapes and byte sizes must match the reference, so a
+    phone cannot make the server decode an extra or oversized tensor."""
+    if len(arrays) != len(reference):
+        return f"wrong tensors: {len(arrays)} arrays, expected {len(reference)}"
+    unknown = [k for k in arrays if k not in reference]
+    if unknown:
+        return f"wrong tensors: {len(unknown)} unexpected (e.g. {unknown[0][:80]!r})"
+    for key, array in arrays.items():
+        ref = reference[key]
+        if array.stype != "numpy.ndarray" or array.dtype not in WIRE_DTYPES:
+            return f"{key}: dtype {array.dtype} ({array.stype}) is not float32/float16"
+        if tuple(array.shape) != tuple(ref.shape):
+            return f"{key}: shape {tuple(array.shape)}, expected {tuple(ref.shape)}"
+        limit = ref.numel() * WIRE_DTYPES[array.dtype] + NPY_HEADER_SLACK
+        if len(array.data) > limit:
+            return f"{key}: {len(array.data)} bytes for a {tuple(ref.shape)} tensor"
+    return None
+
+
 def _parse_update(reply: Message, reference: State, max_norm: float,
                   device: int, dp: bool) -> ClientUpdate | str:
     content = reply.content
     if protocol.UPDATE_ARRAYS not in content.array_records:
         return f"no '{protocol.UPDATE_ARRAYS}' arrays in the reply"
     arrays = content.array_records[protocol.UPDATE_ARRAYS]
+    problem = undecoded_problem(arrays, reference)
+    if problem:
+        return problem
     try:
         update = arrays.to_torch_state_dict()
     except Exception as err:  # noqa: BLE001 - any undecodable payload is a bad reply
@@ -185,6 +215,31 @@ def collect_updates(replies: list[Message], reference: State, *, max_norm: float
         else:
             out.accepted.append(parsed)
     return out
+
+
+RELATIVE_BOUND_MIN_UPDATES = 3  # below this, a median says nothing: only the absolute cap
+
+
+def reject_outlying_norms(replies: TrainReplies, *, multiple: float,
+                          devices: dict[int, int]) -> None:
+    """Reject accepted updates longer than `multiple` x the round's median update norm (with
+    at least RELATIVE_BOUND_MIN_UPDATES updates): one phone cannot take the global step
+    wherever it likes, while honest updates, which shrink as training converges, stay in."""
+    if len(replies.accepted) < RELATIVE_BOUND_MIN_UPDATES:
+        return
+    norms = [l2_norm(u.update) for u in replies.accepted]
+    bound = multiple * statistics.median(norms)
+    kept = []
+    node_of = {device: node for node, device in devices.items()}
+    for update, norm in zip(replies.accepted, norms, strict=True):
+        if norm > bound:
+            _reject(node_of.get(update.device, -1), devices,
+                    f"update norm {norm:.3g} exceeds federation.norm_bound_multiple="
+                    f"{multiple:g} x the round's median {bound / multiple:.3g}", False)
+            replies.rejected += 1
+        else:
+            kept.append(update)
+    replies.accepted = kept
 
 
 def collect_evals(replies: list[Message], devices: dict[int, int]) -> list[ClientEval]:

@@ -45,6 +45,10 @@ class Aggregator(Protocol):
 
     def epsilon(self) -> float | None: ...
 
+    def charge_lost_rounds(self, rounds: int) -> None:
+        """Account `rounds` rounds whose state was lost but whose release may have happened."""
+        ...
+
     def accountant_state(self) -> dict | None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -59,6 +63,10 @@ class FedAvg:
     def __init__(self, cfg: FedMilmConfig) -> None:
         self.k, self.min_replies = cfg.federation.clients_per_round, cfg.federation.min_replies
         self.max_update_norm = cfg.federation.max_update_norm
+        # A phone's example count is its own claim: it weighs at most what a phone can hold
+        # (data.train_per_user, plus planted canaries in an audit), never more.
+        data = cfg.data
+        self.max_weight = data.train_per_user + (data.canary_repeats if data.canary_users else 0)
         self.method = cfg.aggregation.method
         self.trim_fraction = cfg.aggregation.trim_fraction
         self.byzantine = cfg.aggregation.krum_byzantine
@@ -74,9 +82,9 @@ class FedAvg:
         if len(updates) < self.min_replies:
             return None
         if ranks is not None:  # heterogeneous LoRA ranks: each component over its holders
-            return hetero_mean(updates, ranks, weights)
+            return hetero_mean(updates, ranks, [min(w, self.max_weight) for w in weights])
         if self.method == "fedavg":
-            return weighted_mean(updates, weights)
+            return weighted_mean(updates, [min(w, self.max_weight) for w in weights])
         return robust_mean(updates, method=self.method, trim_fraction=self.trim_fraction,
                            byzantine=self.byzantine)
 
@@ -85,6 +93,9 @@ class FedAvg:
         return mean if mean is not None and count >= self.min_replies else None
 
     def epsilon(self) -> float | None:
+        return None
+
+    def charge_lost_rounds(self, rounds: int) -> None:
         return None
 
     def accountant_state(self) -> dict | None:
@@ -151,6 +162,12 @@ class DpFedAvg:
 
     def epsilon(self) -> float | None:
         return self.accountant.epsilon(self.delta)
+
+    def charge_lost_rounds(self, rounds: int) -> None:
+        """A resume that fell back past damaged checkpoints re-runs their rounds: the lost
+        rounds may have released an aggregate, so they stay charged (over-counting is sound)."""
+        self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate,
+                             num_steps=rounds)
 
     def accountant_state(self) -> dict | None:
         """The full (sigma, q, steps) history: anyone can recompute epsilon from it."""

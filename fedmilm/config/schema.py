@@ -92,6 +92,7 @@ class FederationConfig:
     min_replies: int = MISSING
     round_timeout_s: float = MISSING
     max_update_norm: float = MISSING
+    norm_bound_multiple: float = MISSING
     cpus_per_client: int = MISSING
     total_cpus: int | None = None
     ray_address: str | None = None  # simulation: attach to this Ray cluster (host:port)

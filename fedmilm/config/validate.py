@@ -132,6 +132,9 @@ def _check_federation(cfg: FedMilmConfig, problems: list[str]) -> None:
     _positive(problems, "federation.rounds", fed.rounds)
     _positive(problems, "federation.round_timeout_s", fed.round_timeout_s)
     _positive(problems, "federation.max_update_norm", fed.max_update_norm)
+    if fed.norm_bound_multiple <= 1:
+        problems.append(f"federation.norm_bound_multiple={fed.norm_bound_multiple} must be > 1 "
+                        "(a multiple of the round's median update norm)")
     _positive(problems, "federation.cpus_per_client", fed.cpus_per_client)
     if fed.clients_per_round > fed.num_clients:
         problems.append(f"federation.clients_per_round={fed.clients_per_round} exceeds "
@@ -191,6 +194,9 @@ def _check_aggregation(cfg: FedMilmConfig, problems: list[str]) -> None:
                         "aggregation.secure=true shows the server only their sum; pick one")
     if not 0 <= agg.trim_fraction < 0.5:
         problems.append(f"aggregation.trim_fraction={agg.trim_fraction} must be in [0, 0.5)")
+    elif agg.method == "trimmed_mean" and int(agg.trim_fraction * k) < 1:
+        problems.append(f"aggregation.trim_fraction={agg.trim_fraction} trims nobody from a "
+                        f"cohort of federation.clients_per_round={k}; use at least {1 / k:.3g}")
     if agg.method == "krum" and not 0 <= agg.krum_byzantine <= max(0, k - 3):
         problems.append(f"aggregation.krum_byzantine={agg.krum_byzantine} must be in [0, "
                         f"clients_per_round - 3 = {k - 3}]: Krum needs n > f + 2")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import fmean
+
+log = logging.getLogger("fedmilm")
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,19 @@ def append_record(path: Path, record: RoundRecord) -> None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """All rounds of a run, in order."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """All rounds of a run, in order. A torn last line (what `kill -9` in the middle of an
+    append leaves) is dropped with a warning; a bad line before it is an error naming it."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = [(n, line) for n, line in enumerate(handle, start=1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if index < len(lines) - 1:
+                raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from err
+            log.warning("%s:%d: dropped a torn last line (an interrupted write)", path, number)
+    return records
 
 
 def format_progress(record: RoundRecord, total_rounds: int) -> str:

@@ -56,8 +56,8 @@ def _global(run_dir: Path, server_round: int) -> dict[str, torch.Tensor]:
 BAD_UPDATES = {4: "nan", 5: "inf", 6: "missing", 7: "extra", 8: "shape", 9: "dtype",
                10: "norm"}
 REASONS = {"nan": "contains NaN or inf", "inf": "contains NaN or inf",
-           "missing": "1 missing, 0 unexpected", "extra": "0 missing, 1 unexpected",
-           "shape": "shape (", "dtype": "dtype torch.int64", "norm": "exceeds federation.max"}
+           "missing": "arrays, expected", "extra": "arrays, expected",
+           "shape": "shape (", "dtype": "dtype int64", "norm": "exceeds federation.max"}
 
 
 def test_only_honest_updates_reach_the_global_adapter(tmp_path, monkeypatch, caplog):
