@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -42,12 +44,25 @@ def backend_config(cfg: FedMilmConfig) -> dict:
     resources = {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": 0.0}
     if cfg.federation.ray_address:  # the cluster's own settings apply; attach_ray connected
         return {"client_resources": resources, "init_args": {}}
-    init_args: dict = {"logging_level": "ERROR", "log_to_driver": True,
+    init_args: dict = {"address": "local",  # a new Ray of our own, never a running cluster
+                       "_node_ip_address": "127.0.0.1",
+                       "logging_level": "ERROR", "log_to_driver": True,
                        "include_dashboard": False,
                        "object_store_memory": 512 * 1024 * 1024}  # adapters are MBs, not GBs
     if cfg.federation.total_cpus is not None:
         init_args["num_cpus"] = cfg.federation.total_cpus
     return {"client_resources": resources, "init_args": init_args}
+
+
+def private_ray_token() -> None:
+    """Token authentication for the private Ray: Ray 2.55's gRPC servers listen on every
+    interface whatever node address they are given, so a fresh random token (in this process's
+    environment only, inherited by its Ray processes, never written) keeps other users and
+    hosts out of it."""
+    if os.environ.get("RAY_AUTH_MODE") == "token" and os.environ.get("RAY_AUTH_TOKEN"):
+        return  # set already (an earlier run in this process: Ray keeps the first it read)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def attach_ray(address: str) -> None:
@@ -63,6 +78,8 @@ def attach_ray(address: str) -> None:
 
 def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
     """Run one simulated federation whose outputs go to `run_dir`."""
+    if not cfg.federation.ray_address:
+        private_ray_token()  # before Ray is imported: it reads its auth settings once
     from flwr.simulation import run_simulation
 
     prepare_run(cfg, run_dir)
