@@ -145,3 +145,9 @@ def cached_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: 
     key = json.dumps({"model": asdict(model_cfg), "lora": asdict(lora_cfg), "mode": mode,
                       "seed": seed}, sort_keys=True)
     return _cached(key)
+
+
+def release_cached_spaces() -> None:
+    """Drop every cached model: a process that only checked the model (a deployment's CLI,
+    whose phones and server run elsewhere) should not hold it for the whole run."""
+    _cached.cache_clear()

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedmilm.config import ConfigError, FedMilmConfig, load_config, to_yaml
 from fedmilm.data import DataFormatError, count_users, load_user
+from fedmilm.devices.availability import TraceFormatError, availability_for
 from fedmilm.metrics import read_records
 from fedmilm.model import smollm2
 from fedmilm.privacy.calibrate import resolve_privacy
@@ -34,11 +35,12 @@ def load_or_exit(raw: DictConfig) -> FedMilmConfig:
             raise ConfigError([f"federation.num_clients={cfg.federation.num_clients} exceeds the "
                                f"{users} user files in data.path={cfg.data.path!r}"])
         sizes = None
-        if users is not None and cfg.privacy.sample_level:  # real n per phone, for DP-SGD
+        if users is not None:  # every user file is read once here: a bad line stops us now
             sizes = [len(load_user(cfg.data, user=u, seed=cfg.seed).train)
                      for u in range(cfg.federation.num_clients)]
-        cfg = resolve_privacy(cfg, sizes)
-    except (ConfigError, DataFormatError) as err:
+        availability_for(cfg)  # a malformed trace stops us now, not in round 1
+        cfg = resolve_privacy(cfg, sizes if cfg.privacy.sample_level else None)
+    except (ConfigError, DataFormatError, TraceFormatError) as err:
         for line in str(err).splitlines():
             print(f"fedmilm: config error: {line}", file=sys.stderr)
         sys.exit(2)
@@ -99,11 +101,40 @@ def _fmt(value: float | None) -> str:
 
 
 def prepare_run(cfg: FedMilmConfig, run_dir: Path) -> None:
-    """Create the run directory with its config.yaml (kept as is on resume), and the model."""
+    """Prepare the model, check what only a loaded model can tell (its folder, the LoRA target
+    modules, the phones' memory budget) and only then write config.yaml (kept as is on
+    resume): a run that cannot start leaves nothing but Hydra's folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_model(cfg)
+    check_model(cfg)
     if not cfg.resume:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    prepare_model(cfg)
+
+
+def check_model(cfg: FedMilmConfig) -> None:
+    """Load the run's adapter space once in this process (an in-process ServerApp reuses it)
+    and plan eager phones' memory; exit 2 with one line naming the key on failure."""
+    from fedmilm.adapters import cached_adapter_space
+    from fedmilm.training.memory import MemoryBudgetError, plan_for
+
+    try:
+        space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                     seed=cfg.seed)
+    except (ValueError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        key = (f"lora.target_modules={list(cfg.lora.target_modules)}"
+               if "target modules" in first.lower() else f"model ({cfg.model.name})")
+        _exit_with(f"config error: {key}: {first}")
+    if cfg.client.runtime == "eager":
+        try:
+            plan_for(cfg, space.model)
+        except MemoryBudgetError as err:
+            _exit_with(f"memory budget error: {err}")
+
+
+def _exit_with(line: str) -> None:
+    print(f"fedmilm: {line}", file=sys.stderr)
+    sys.exit(2)
 
 
 def prepare_model(cfg: FedMilmConfig) -> None:

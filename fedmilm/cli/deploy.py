@@ -25,6 +25,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from fedmilm.adapters.space import release_cached_spaces  # noqa: E402
 from fedmilm.cli.common import CONFIG_DIR, prepare_run, report_run, run_dir_and_config  # noqa: E402
 from fedmilm.config import FedMilmConfig  # noqa: E402
 from fedmilm.deploy.local import LocalFederation, remote_cli  # noqa: E402
@@ -43,6 +44,7 @@ def _stop_on_sigterm() -> None:
 def deploy(cfg: FedMilmConfig, run_dir: Path) -> None:
     """Run one deployed federation whose outputs go to `run_dir`."""
     prepare_run(cfg, run_dir)
+    release_cached_spaces()  # the phones and the ServerApp load it in their own processes
     started = time.perf_counter()
     if cfg.deploy.connect:
         _submit_to_existing(cfg, run_dir, started)

@@ -30,7 +30,6 @@ from fedmilm.cli.common import (  # noqa: E402
 )
 from fedmilm.config import FedMilmConfig, to_yaml  # noqa: E402
 from fedmilm.privacy.policy import write_phone_policy  # noqa: E402
-from fedmilm.training.memory import MemoryBudgetError  # noqa: E402
 
 SERVER_FACTORY = "fedmilm.server.app:make_server_app"
 CLIENT_FACTORY = "fedmilm.clients.app:make_client_app"
@@ -83,8 +82,6 @@ def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
     from flwr.simulation import run_simulation
 
     prepare_run(cfg, run_dir)
-    if cfg.client.runtime == "eager":
-        _check_memory_budget(cfg)
     devices = run_dir / "devices"  # the virtual phones' own storage, and their own policy
     write_phone_policy(cfg.privacy, devices)
     server_app = load_component(SERVER_FACTORY)(to_yaml(cfg), str(run_dir))
@@ -96,18 +93,6 @@ def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
                    num_supernodes=cfg.federation.num_clients,
                    backend_config=backend_config(cfg))
     report_run(cfg, run_dir, started)
-
-
-def _check_memory_budget(cfg: FedMilmConfig) -> None:
-    """Stop with one line, before Ray starts, when no micro-batch fits `client.memory_budget_mb`
-    (the ServerApp, which runs in this process, reuses the loaded model)."""
-    from fedmilm.server.federation import phone_memory_plan
-
-    try:
-        phone_memory_plan(cfg)
-    except MemoryBudgetError as err:
-        print(f"fedmilm: memory budget error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")

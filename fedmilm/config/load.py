@@ -20,10 +20,10 @@ def load_config(raw: DictConfig | dict[str, Any]) -> FedMilmConfig:
 
     Hydra's own keys (`hydra:`) are ignored. Raises `ConfigError` with a readable message.
     """
-    if isinstance(raw, DictConfig):
-        raw = OmegaConf.to_container(raw, resolve=True)
-    raw = {k: v for k, v in dict(raw).items() if k != "hydra"}
     try:
+        if isinstance(raw, DictConfig):  # resolving here: a bad ${...} is one config line
+            raw = OmegaConf.to_container(raw, resolve=True)
+        raw = {k: v for k, v in dict(raw).items() if k != "hydra"}
         merged = OmegaConf.merge(OmegaConf.structured(FedMilmConfig), raw)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

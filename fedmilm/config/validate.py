@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fedmilm.config.schema import FedMilmConfig
@@ -49,8 +50,20 @@ def _check_model(cfg: FedMilmConfig, problems: list[str]) -> None:
         elif not (Path(model.path).expanduser() / "config.json").is_file():
             problems.append(f"model.path={model.path!r} has no config.json; point it at a local "
                             "Hugging Face causal LM folder")
+        else:
+            _check_hf_config(problems, Path(model.path).expanduser() / "config.json")
     if model.source == "llama-config" and model.architecture is None:
         problems.append("model.architecture is missing; model.source=llama-config needs it")
+
+
+def _check_hf_config(problems: list[str], path: Path) -> None:
+    """A Hugging Face config.json must at least be a JSON object naming its model type."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+            raise ValueError("no \"model_type\"")
+    except (ValueError, UnicodeDecodeError) as err:
+        problems.append(f"model.path: {path} is not a Hugging Face model config ({err})")
 
 
 def _check_lora(cfg: FedMilmConfig, problems: list[str]) -> None:

@@ -32,19 +32,34 @@ def _parse_line(text: str, where: str) -> Conversation:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+MAX_LINE_BYTES = 1 << 20  # one conversation; a longer line is refused before it is parsed
+
+
 def read_user_file(path: Path) -> list[Conversation]:
-    """All conversations of one user; blank lines are skipped."""
+    """All conversations of one user; blank lines are skipped. Any malformed line (bad JSON or
+    UTF-8, wrong shape, over MAX_LINE_BYTES) is a `DataFormatError` naming `file:line`."""
     conversations = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""),
+                                     start=1):
+            where = f"{path}:{number}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataFormatError(f"{where}: line longer than {MAX_LINE_BYTES} bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(f"{where}: not UTF-8 (byte {err.start})") from err
             if line.strip():
-                conversations.append(_parse_line(line, f"{path}:{number}"))
+                conversations.append(_parse_line(line, where))
     return conversations
 
 
 def user_files(folder: str | Path) -> list[Path]:
     """The per-user files in a stable order: phone i reads the i-th file."""
-    files = sorted(Path(folder).expanduser().glob("*.jsonl"))
-    if not files:
+    found = sorted(Path(folder).expanduser().glob("*.jsonl"))
+    for path in found:
+        if not path.is_file():
+            raise DataFormatError(f"{path}: not a file (one <user>.jsonl file per phone)")
+    if not found:
         raise DataFormatError(f"{folder}: no *.jsonl files (one file per user expected)")
-    return files
+    return found
