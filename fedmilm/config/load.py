@@ -13,6 +13,10 @@ from fedmilm.config.validate import ConfigError, validate_config
 # `${or_default:${resume},...}` in conf/config.yaml: a resumed run logs into its own directory.
 OmegaConf.register_new_resolver("or_default", lambda value, default: value or default,
                                 replace=True)
+# `${if_resume:${resume},A,B}`: a resumed run keeps the original's `.hydra/` and writes its own
+# Hydra record beside it.
+OmegaConf.register_new_resolver(
+    "if_resume", lambda resume, then, otherwise: then if resume else otherwise, replace=True)
 
 
 def load_config(raw: DictConfig | dict[str, Any]) -> FedMilmConfig:

@@ -54,9 +54,12 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     _kill_after_first_checkpoint(killed)
     assert not (killed / "checkpoints" / "round_0003").exists()  # it really died mid-run
     assert not (killed / "global_adapter").exists()
+    original = (killed / ".hydra" / "overrides.yaml").read_text()
     resumed = _simulate([f"resume={killed}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume: continuing after round" in resumed.stderr + resumed.stdout
+    assert (killed / ".hydra" / "overrides.yaml").read_text() == original  # kept as it was
+    assert list((killed / ".hydra-resumed").iterdir())  # the resume's own record beside it
 
     expected, got = _rows(straight), _rows(killed)
     assert [r["round"] for r in got] == [1, 2, 3]  # no round lost or counted twice
