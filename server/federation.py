@@ -173,13 +173,19 @@ class TrainOutcome:
     ledger_decreases: int | None = None
 
 
+def _left(deadline: float) -> float:
+    """Seconds until the round's deadline (0 once it passed)."""
+    return max(0.0, deadline - time.monotonic())
+
+
 def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round: int,
-                 aggregator: Aggregator, cfg: FedMilmConfig, wiring: Wiring) -> TrainOutcome:
+                 aggregator: Aggregator, cfg: FedMilmConfig, wiring: Wiring,
+                 deadline: float) -> TrainOutcome:
     """Send the global part, validate every reply, aggregate what passes."""
     fed = cfg.federation
     train_msgs = build_messages(cohort, message_type=TRAIN, global_state=state.global_state,
                                 server_round=server_round, config_text=wiring.config_text)
-    replies = list(grid.send_and_receive(train_msgs, timeout=fed.round_timeout_s))
+    replies = list(grid.send_and_receive(train_msgs, timeout=_left(deadline)))
     secret = cfg.privacy.user_level  # who took part is secret from log readers
     sorted_replies = collect_updates(replies, state.global_state, devices=wiring.devices,
                                      max_norm=aggregator.max_update_norm,
@@ -220,13 +226,14 @@ def _track_ledgers(state: ServerState, replies: TrainReplies) -> int | None:
 
 
 def _train_secure(grid: Grid, cohort: list[int], state: ServerState, server_round: int,
-                  aggregator: Aggregator, cfg: FedMilmConfig, wiring: Wiring) -> TrainOutcome:
+                  aggregator: Aggregator, cfg: FedMilmConfig, wiring: Wiring,
+                  deadline: float) -> TrainOutcome:
     """SecAgg+: the server sees only the mean; per-phone validation is impossible by design
     (SecAgg+ bounds each coordinate to +-secagg_clip_range instead)."""
     config = round_config(server_round, wiring.config_text)
     result = secure_mean(grid, cohort, global_state=state.global_state, config=config,
                          server_round=server_round, agg=cfg.aggregation,
-                         timeout=cfg.federation.round_timeout_s)
+                         timeout=_left(deadline))
     step = aggregator.aggregate_secure(result.mean, result.count, state.global_state)
     replies = TrainReplies(rejected=len(cohort) - result.count)
     return TrainOutcome(step=step, replies=replies, contributors=result.count,
@@ -289,7 +296,7 @@ def phone_memory_plan(cfg: FedMilmConfig) -> MemoryPlan:
 
 
 def _evaluate(grid: Grid, state: ServerState, server_round: int, cfg: FedMilmConfig,
-              wiring: Wiring, population: list[int]) -> list[ClientEval]:
+              wiring: Wiring, population: list[int], deadline: float) -> list[ClientEval]:
     """Held-out losses per phone. Without DP they travel in the evaluate replies. Under DP
     nothing derived from private held-out data is released: a simulation's virtual phones
     leave their losses on the researcher's disk (diagnostics, labelled as outside the
@@ -297,13 +304,18 @@ def _evaluate(grid: Grid, state: ServerState, server_round: int, cfg: FedMilmCon
     fed = cfg.federation
     if cfg.privacy.any_dp and wiring.diagnostics is None:
         return []
+    if _left(deadline) <= 0:
+        log.warning("round %d: no time left for evaluation within federation.round_timeout_s="
+                    "%g s (one deadline covers training and evaluation)", server_round,
+                    fed.round_timeout_s)
+        return []
     node_of = {device: node for node, device in wiring.devices.items()}
     eval_devices = (population if fed.clients_per_eval is None
                     else sorted(state.sampler.sample(population, fed.clients_per_eval)))
     eval_msgs = build_messages([node_of[d] for d in eval_devices], message_type=EVALUATE,
                                global_state=state.global_state, server_round=server_round,
                                config_text=wiring.config_text)
-    replies = list(grid.send_and_receive(eval_msgs, timeout=fed.round_timeout_s))
+    replies = list(grid.send_and_receive(eval_msgs, timeout=_left(deadline)))
     if not cfg.privacy.any_dp:
         return collect_evals(replies, wiring.devices)
     assert wiring.diagnostics is not None
@@ -368,14 +380,14 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
             log.warning("stopping before round %d: %s", server_round, stopped_because)
             break
         started = time.perf_counter()
+        deadline = time.monotonic() + fed.round_timeout_s  # training and evaluation together
         # ---- train: sample, send the global part, collect and validate updates
         eligible = population if trace is None else trace.available(
             population, server_round, policy, cfg.device.slots_per_round)
         cohort_devices = aggregator.cohort(eligible, state.sampler)
         cohort = [node_of[d] for d in cohort_devices]
-        outcome = (_train_secure(grid, cohort, state, server_round, aggregator, cfg, wiring)
-                   if cfg.aggregation.secure else
-                   _train_plain(grid, cohort, state, server_round, aggregator, cfg, wiring))
+        train = _train_secure if cfg.aggregation.secure else _train_plain
+        outcome = train(grid, cohort, state, server_round, aggregator, cfg, wiring, deadline)
         if outcome.step is None:
             log.warning("round %d skipped: %d valid replies < federation.min_replies=%d",
                         server_round, outcome.contributors, fed.min_replies)
@@ -390,7 +402,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         if accountant is not None:
             (run_dir / "privacy_accountant.json").write_text(json.dumps(accountant))
         # ---- evaluate, record
-        evals = _evaluate(grid, state, server_round, cfg, wiring, population)
+        evals = _evaluate(grid, state, server_round, cfg, wiring, population, deadline)
         bytes_down = len(cohort) * ArrayRecord(state.global_state).count_bytes()
         record = _round_record(server_round, cohort=cohort, outcome=outcome, evals=evals,
                                bytes_down=bytes_down, started=started, aggregator=aggregator,

@@ -11,6 +11,7 @@ Layout (all written to a temporary folder, then renamed into place):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -58,7 +59,8 @@ def export_fingerprint(cfg: FedMilmConfig) -> str:
     hyper-parameters, seed (random bases, FFA's frozen A), shapes and the DP clipping bound.
     A bundle is used only when this matches the run's config."""
     sample = cfg.privacy.sample
-    relevant = (cfg.model, cfg.lora, cfg.personalization, cfg.train, cfg.seed,
+    model = dataclasses.replace(cfg.model, cache_dir="")  # a host's cache path is not the model
+    relevant = (model, cfg.lora, cfg.personalization, cfg.train, cfg.seed,
                 cfg.data.max_length, micro_batch_of(cfg),
                 (cfg.privacy.sample_level, sample.max_grad_norm))
     return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
@@ -152,6 +154,9 @@ def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
                for k in keys]
     manifest = _manifest(space, cfg, adapter, tensors, micro=micro, seq_len=seq_len,
                          with_dp=with_dp)
+    manifest = dataclasses.replace(manifest, sha256={
+        name: hashlib.sha256(blob).hexdigest() for name, blob in files.items()
+        if name.endswith(".pte")})
     sizes = _write_atomically(out, files, manifest, space)
     return manifest, ExportTimings(seconds=seconds, sizes=sizes)
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 JOB_VERSION = 1
 SAMPLING = ("shuffle", "poisson")
+MAX_EPOCHS, MAX_BATCH = 100, 4096  # a job beyond these is a mistake or an attack on the phone
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,9 @@ class TrainJob:
             problems.append(f"version {self.version} is not {JOB_VERSION}")
         if self.sampling not in SAMPLING:
             problems.append(f"sampling={self.sampling!r} is not one of {', '.join(SAMPLING)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            problems.append("epochs and batch_size must be >= 1")
+        if not (1 <= self.epochs <= MAX_EPOCHS and 1 <= self.batch_size <= MAX_BATCH):
+            problems.append(f"epochs must be in [1, {MAX_EPOCHS}] and batch_size in "
+                            f"[1, {MAX_BATCH}]")
         dp_fields = (self.noise_multiplier, self.max_grad_norm)
         if (self.sampling == "poisson") != all(v is not None for v in dp_fields):
             problems.append("noise_multiplier and max_grad_norm go with sampling=poisson only")
@@ -56,7 +58,19 @@ class TrainJob:
 
     @staticmethod
     def from_json(text: str) -> TrainJob:
-        return TrainJob(**json.loads(text))
+        """Parse `job.json`; `ValueError` for anything but a valid job of the right types."""
+        try:
+            raw = json.loads(text)
+            fields = {"epochs": int, "batch_size": int, "sampling": str, "version": int,
+                      "noise_multiplier": float, "max_grad_norm": float, "seed": int}
+            for key, kind in fields.items():
+                value = raw.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(
+                        value, (int, float) if kind is float else kind)):
+                    raise ValueError(f"{key} must be a {kind.__name__}")
+            return TrainJob(**raw)
+        except (TypeError, AttributeError, json.JSONDecodeError) as err:
+            raise ValueError(f"invalid job: {err}") from err
 
 
 @dataclass(frozen=True)

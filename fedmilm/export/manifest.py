@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 
 
@@ -62,6 +62,7 @@ class Manifest:
     programs: dict[str, ProgramSpec]
     versions: dict[str, str]
     config_fingerprint: str
+    sha256: dict[str, str] = field(default_factory=dict)  # program file -> its digest
     notes: list[str] = field(default_factory=list)
 
     def peft_keys(self) -> list[str]:
@@ -86,8 +87,22 @@ class Manifest:
             raise ValueError(f"{path}: format_version {raw.get('format_version')} is not "
                              f"{FORMAT_VERSION}; re-export with this fedmilm")
         raw["adapter"] = [AdapterTensor(**t) for t in raw["adapter"]]
+        for name, program in raw["programs"].items():
+            for key in ("file", "data_file"):
+                if program.get(key) is not None:
+                    inside(Path(folder), program[key], f"{path}: programs.{name}.{key}")
         raw["programs"] = {
             name: ProgramSpec(**{**p, "inputs": [TensorSpec(**t) for t in p["inputs"]],
                                  "outputs": [TensorSpec(**t) for t in p["outputs"]]})
             for name, p in raw["programs"].items()}
         return Manifest(**raw)
+
+
+def inside(folder: Path, name: str, where: str) -> Path:
+    """`folder/name`, refusing any name that would leave the bundle folder (absolute paths,
+    `..`, sub-folders, links)."""
+    candidate = folder / name
+    if (not name or Path(name).is_absolute() or Path(name).name != name
+            or candidate.resolve().parent != folder.resolve()):
+        raise ValueError(f"{where}: {name!r} is not a file inside the bundle")
+    return candidate

@@ -8,7 +8,9 @@ tolerance. What differs is only where the arithmetic runs.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,7 +22,7 @@ from executorch.extension.training import TrainingModule
 
 from fedmilm.data.chat import IGNORE, Batch, Example
 from fedmilm.export.job import JobResult, TrainJob
-from fedmilm.export.manifest import Manifest
+from fedmilm.export.manifest import Manifest, inside
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
 from fedmilm.privacy.randomness import private_random
 from fedmilm.training.local import batch_plan, micro_batches
@@ -38,14 +40,30 @@ class PhonePrograms:
 
     @staticmethod
     def load(folder: Path) -> PhonePrograms:
+        """Read a bundle, verifying every program against the manifest's sha256 and
+        ExecuTorch's file identifier before anything reaches the runtime: a corrupt or
+        swapped program is a clear `ValueError`, never a crashed process."""
         folder = Path(folder)
         manifest = Manifest.read(folder)
         programs = manifest.programs
         dp = programs.get("dp_grad")
         return PhonePrograms(folder=folder, manifest=manifest,
-                             train=(folder / programs["train"].file).read_bytes(),
-                             adamw=(folder / programs["adamw"].file).read_bytes(),
-                             dp_grad=None if dp is None else (folder / dp.file).read_bytes())
+                             train=_verified(folder, manifest, programs["train"].file),
+                             adamw=_verified(folder, manifest, programs["adamw"].file),
+                             dp_grad=None if dp is None else _verified(folder, manifest,
+                                                                       dp.file))
+
+
+def _verified(folder: Path, manifest: Manifest, name: str) -> bytes:
+    """The bytes of program `name`, checked against the manifest before any parsing."""
+    blob = inside(folder, name, f"{folder}/manifest.json").read_bytes()
+    expected = manifest.sha256.get(name)
+    if expected is None or hashlib.sha256(blob).hexdigest() != expected:
+        raise ValueError(f"{folder / name} does not match the sha256 in its manifest: the "
+                         "bundle is corrupt or was altered; re-export it")
+    if not re.fullmatch(rb"ET[0-9]{2}", blob[4:8]):
+        raise ValueError(f"{folder / name} is not an ExecuTorch program")
+    return blob
 
 
 @lru_cache(maxsize=2)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+
 import pytest
 import torch
 from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
@@ -9,7 +13,7 @@ from executorch.extension.pybindings.portable_lib import _load_for_executorch_fr
 from fedmilm.adapters import build_adapter_space
 from fedmilm.data.chat import IGNORE, Example, collate
 from fedmilm.export import PhonePrograms, export_bundle, train_with_programs
-from fedmilm.export.bundle import ensure_bundle
+from fedmilm.export.bundle import ensure_bundle, export_fingerprint
 from fedmilm.export.job import JobResult, TrainJob
 from fedmilm.export.manifest import Manifest
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter, read_ptd, write_ptd
@@ -236,3 +240,62 @@ def test_the_server_exports_once_per_run_and_reuses_it_on_resume(tmp_path):
     assert ensure_bundle(space, cfg, tmp_path) == folder
     assert (folder / "train.pte").stat().st_mtime_ns == stamp  # not exported again
     assert not list(tmp_path.glob(".export.partial-*"))  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("job,needle", [
+    ({"noise_multiplier": 0.0}, "must be > 0"),
+    ({"noise_multiplier": -5.0}, "must be > 0"),
+    ({"max_grad_norm": -1.0}, "must be > 0"),
+    ({"epochs": 10**9}, "epochs must be in"),
+    ({"epochs": "3"}, "epochs must be a int"),
+    ({"batch_size": True}, "batch_size must be a int"),
+])
+def test_job_values_from_the_wire_are_bounded(job, needle):
+    good = {"epochs": 1, "batch_size": 2, "sampling": "poisson", "noise_multiplier": 1.0,
+            "max_grad_norm": 1.0, "seed": None, "version": 1}
+    with pytest.raises(ValueError, match=needle):
+        TrainJob.from_json(json.dumps({**good, **job}))
+
+
+def _copy_bundle(exported, tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(exported[3].folder, folder)
+    return folder
+
+
+def test_a_program_with_one_flipped_byte_is_refused(exported, tmp_path):
+    folder = _copy_bundle(exported, tmp_path)
+    blob = bytearray((folder / "train.pte").read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (folder / "train.pte").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="sha256"):
+        PhonePrograms.load(folder)
+
+
+def test_random_bytes_are_refused_before_the_runtime_sees_them(exported, tmp_path):
+    """Even with a manifest that vouches for them: the runtime would abort the process."""
+    folder = _copy_bundle(exported, tmp_path)
+    junk = bytes(range(256)) * 64
+    (folder / "adamw.pte").write_bytes(junk)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"]["adamw.pte"] = hashlib.sha256(junk).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not an ExecuTorch program"):
+        PhonePrograms.load(folder)
+
+
+@pytest.mark.parametrize("name", ["../train.pte", "/etc/passwd", "sub/train.pte", ""])
+def test_manifest_paths_stay_inside_the_bundle(exported, tmp_path, name):
+    folder = _copy_bundle(exported, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["programs"]["train"]["file"] = name
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="inside the bundle"):
+        PhonePrograms.load(folder)
+
+
+def test_the_export_fingerprint_does_not_depend_on_the_hosts_cache_path():
+    a = tiny_config(*OVERRIDES, "model.cache_dir=/home/alice/.cache/fedmilm")
+    b = tiny_config(*OVERRIDES, "model.cache_dir=/srv/cache")
+    assert export_fingerprint(a) == export_fingerprint(b)
+    assert export_fingerprint(a) != export_fingerprint(tiny_config(*OVERRIDES, "seed=9"))
