@@ -12,6 +12,7 @@ CONFIG = "config"
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "fedmilm-config"  # the validated run config as YAML (model, LoRA, data, training)
 RUN_DIR = "run-dir"            # deployment run config only: where the ServerApp writes outputs
+NODE_DEVICES = "node-devices"  # deployment run config: node id -> device id from key registration
 
 # MetricRecord key and its fields
 METRICS = "metrics"

@@ -7,6 +7,7 @@ the run config keys `fedmilm-config` and `run-dir`, which `fedmilm-deploy` fills
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -47,4 +48,11 @@ def deployed(grid: Grid, context: Context) -> None:
     if not config_text or not run_dir:
         raise ValueError(f"run config needs '{protocol.RUN_CONFIG}' (YAML) and "
                          f"'{protocol.RUN_DIR}'; start runs with fedmilm-deploy")
-    run_federation(grid, load_config(OmegaConf.create(config_text)), Path(run_dir))
+    mapping = str(context.run_config.get(protocol.NODE_DEVICES, ""))
+    identities = {int(k): int(v) for k, v in json.loads(mapping).items()} if mapping else None
+    if identities is None:
+        logging.getLogger("fedmilm.server").warning(
+            "phones' device ids are self-declared (no key registration known to this run: "
+            "deploy.insecure=true or an external SuperLink); any node can claim any id")
+    run_federation(grid, load_config(OmegaConf.create(config_text)), Path(run_dir),
+                   identities=identities)

@@ -240,10 +240,12 @@ def _train_secure(grid: Grid, cohort: list[int], state: ServerState, server_roun
                         bytes_up=result.count * ArrayRecord(state.global_state).count_bytes())
 
 
-def discover_devices(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
-    """node id -> device id for every node that answers the identity query in time."""
+def discover_devices(grid: Grid, nodes: list[int], timeout: float,
+                     identities: dict[int, int] | None = None) -> dict[int, int]:
+    """node id -> device id for every node that answers the identity query in time; with
+    `identities` (authenticated deployment) only the id bound to each node's key counts."""
     replies = list(grid.send_and_receive(query_messages(nodes), timeout=timeout))
-    devices = collect_device_ids(replies)
+    devices = collect_device_ids(replies, identities)
     if not devices:
         raise RuntimeError("no phone announced a device id; is the ClientApp fedmilm's?")
     return devices
@@ -338,10 +340,12 @@ def _trained_diagnostics(cfg: FedMilmConfig, wiring: Wiring, state: ServerState,
 
 
 def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
-                   diagnostics: Path | None = None) -> State:
+                   diagnostics: Path | None = None,
+                   identities: dict[int, int] | None = None) -> State:
     """Run every round (after the last checkpoint when resuming), checkpoint each one, and write
     the run directory; returns the final global part. `diagnostics`: simulation only, the
-    folder where virtual phones leave per-phone results under DP."""
+    folder where virtual phones leave per-phone results under DP. `identities`: deployment
+    with authenticated SuperNodes, node id -> the device id its registered key belongs to."""
     fed = cfg.federation
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text = to_yaml(cfg)
@@ -362,7 +366,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
     state = _start_state(cfg, space, aggregator, run_dir, fingerprint)
     devices = discover_devices(grid, wait_for_nodes(grid, wanted=fed.num_clients,
                                                     needed=fed.clients_per_round),
-                               timeout=fed.round_timeout_s)
+                               timeout=fed.round_timeout_s, identities=identities)
     wiring = Wiring(config_text, devices, diagnostics)
     node_of = {device: node for node, device in devices.items()}
     trace, policy = availability_for(cfg), policy_of(cfg.device)

@@ -66,9 +66,12 @@ def query_messages(nodes: list[int]) -> list[Message]:
                     message_type=MessageType.QUERY) for node in nodes]
 
 
-def collect_device_ids(replies: list[Message]) -> dict[int, int]:
+def collect_device_ids(replies: list[Message],
+                       identities: dict[int, int] | None = None) -> dict[int, int]:
     """node id -> device id from the query replies. Nodes that fail, or claim a device id
-    another node already holds, are left out (and logged)."""
+    another node already holds, are left out (and logged). With `identities` (node id -> the
+    device id its registered key belongs to) a node's claim must match its key's device:
+    no phone can take another's id, or its storage and sampling slot."""
     devices: dict[int, int] = {}
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
@@ -76,6 +79,10 @@ def collect_device_ids(replies: list[Message]) -> dict[int, int]:
         device = metric(metrics, protocol.DEVICE_ID, int, minimum=0)
         if isinstance(device, str) or device is None:
             log.warning("node %d left out: no usable device id (%s)", node, device)
+            continue
+        if identities is not None and identities.get(node) != device:
+            log.warning("node %d left out: it claims device %d, its registered key belongs to "
+                        "%s", node, device, identities.get(node, "no device"))
             continue
         if device in devices.values():
             log.warning("node %d left out: device id %d is already taken", node, device)

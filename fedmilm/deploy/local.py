@@ -136,10 +136,14 @@ def stage_app(dest: Path) -> Path:
     return dest
 
 
-def run_config_toml(cfg: FedMilmConfig, run_dir: Path) -> str:
+def run_config_toml(cfg: FedMilmConfig, run_dir: Path,
+                    identities: dict[int, int] | None = None) -> str:
     """The run config file for `flwr run --run-config` (JSON strings are valid TOML)."""
+    mapping = "" if identities is None else json.dumps({str(k): v for k, v in
+                                                        identities.items()})
     return (f"{protocol.RUN_CONFIG} = {json.dumps(to_yaml(cfg))}\n"
-            f"{protocol.RUN_DIR} = {json.dumps(str(run_dir))}\n")
+            f"{protocol.RUN_DIR} = {json.dumps(str(run_dir))}\n"
+            f"{protocol.NODE_DEVICES} = {json.dumps(mapping)}\n")
 
 
 class FlwrCli:
@@ -158,20 +162,25 @@ class FlwrCli:
         return subprocess.run([_tool("flwr"), *args], capture_output=True, text=True,
                               env=self.env, timeout=timeout)
 
-    def register(self, public_key: Path) -> None:
-        """Register a SuperNode's public key with the SuperLink (`flwr supernode register`)."""
-        done = self.flwr("supernode", "register", str(public_key), CONNECTION)
-        if done.returncode != 0:
+    def register(self, public_key: Path) -> int:
+        """Register a SuperNode's public key with the SuperLink (`flwr supernode register`);
+        the node id the SuperLink gave it."""
+        done = self.flwr("supernode", "register", str(public_key), CONNECTION,
+                         "--format", "json")
+        try:
+            return int(json.loads(done.stdout)["node-id"])
+        except (ValueError, KeyError, TypeError) as err:
             raise RuntimeError(f"registering {public_key.name} failed:\n{done.stdout}"
-                               f"{done.stderr}")
+                               f"{done.stderr}") from err
 
     def submit_and_stream(self, cfg: FedMilmConfig, server_run_dir: Path, *,
-                          echo: bool = True) -> int:
+                          echo: bool = True, identities: dict[int, int] | None = None) -> int:
         """Submit the run with `flwr run --stream`, echo its log until it ends; exit code.
-        `server_run_dir` is where the ServerApp writes, on the SuperLink's host."""
+        `server_run_dir` is where the ServerApp writes, on the SuperLink's host; `identities`
+        (node id -> device id, from key registration) binds each phone to its key."""
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         run_config = self.layout.root / "run_config.toml"
-        run_config.write_text(run_config_toml(cfg, server_run_dir))
+        run_config.write_text(run_config_toml(cfg, server_run_dir, identities))
         app = stage_app(self.layout.root / "app")
         argv = [_tool("flwr"), "run", str(app), CONNECTION, "--run-config",
                 str(run_config), "--stream"]
@@ -206,6 +215,7 @@ class LocalFederation:
         self.creds: Credentials | None = None
         self.processes = ProcessGroup(env=child_env(), log_dir=self.layout.logs)
         self.phone_threads = threads_per_phone(cfg)
+        self.identities: dict[int, int] = {}  # node id -> device id, bound to registered keys
 
     def __enter__(self) -> LocalFederation:
         try:
@@ -240,8 +250,8 @@ class LocalFederation:
                            self.processes.env)
         self._start_superlink()
         for index in range(n):
-            if self.creds is not None:
-                self.cli.register(self.creds.node_public_key(index))
+            if self.creds is not None:  # the SuperLink's node id for phone index's key
+                self.identities[self.cli.register(self.creds.node_public_key(index))] = index
             self.start_supernode(index)
         log.info("local federation up: SuperLink %s (%s), %d SuperNodes", self.address,
                  "insecure" if self.creds is None else "TLS + SuperNode auth", n)
@@ -285,7 +295,8 @@ class LocalFederation:
     # ---- the run
     def submit_and_stream(self, *, echo: bool = True) -> int:
         """Submit this config's run and stream it; the ServerApp writes the run directory."""
-        return self.cli.submit_and_stream(self.cfg, self.layout.run_dir, echo=echo)
+        return self.cli.submit_and_stream(self.cfg, self.layout.run_dir, echo=echo,
+                                          identities=self.identities or None)
 
     def failure_context(self) -> str:
         """Log tails of every process, for an error message."""

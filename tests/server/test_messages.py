@@ -141,3 +141,14 @@ def test_fedavg_caps_a_phones_self_reported_weight():
     assert torch.allclose(step["w"], torch.full((2,), cap / (32 + cap)))
     assert float(step["w"][0]) < 0.5  # the liar does not get to set the step
     assert np.isfinite(float(step["w"][0]))
+
+
+def test_with_registered_keys_a_phone_cannot_claim_another_phones_id(caplog):
+    """Authenticated deployment: node 5's key is device 0's, node 6's is device 1's. Node 6
+    claiming device 0 (to take its storage or its place) is left out; an unregistered node
+    too."""
+    replies = [_reply(5, metrics={protocol.DEVICE_ID: 0}, kind="query"),
+               _reply(6, metrics={protocol.DEVICE_ID: 0}, kind="query"),
+               _reply(7, metrics={protocol.DEVICE_ID: 2}, kind="query")]
+    assert collect_device_ids(replies, {5: 0, 6: 1}) == {5: 0}
+    assert "its registered key belongs to 1" in caplog.text
