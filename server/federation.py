@@ -6,33 +6,24 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedmilm import protocol
-from fedmilm.adapters import AdapterSpace, State, cached_adapter_space, save_global_adapter
+from fedmilm.adapters import AdapterSpace, State, cached_adapter_space
 from fedmilm.aggregation import Aggregator, apply_update, create_aggregator
 from fedmilm.config import FedMilmConfig, to_yaml
 from fedmilm.devices import availability_for, policy_of
 from fedmilm.metrics import (
-    DIAGNOSTICS_LABEL,
     ClientEval,
-    RoundRecord,
     append_record,
     format_progress,
     interrupted_record,
-    losses_by_rank,
-    mean_or_none,
-    plot_clients,
-    plot_losses,
-    plot_privacy,
     read_records,
 )
 from fedmilm.metrics.diagnostics import EVALUATE as DIAG_EVALUATE
-from fedmilm.metrics.diagnostics import TRAIN as DIAG_TRAIN
 from fedmilm.metrics.diagnostics import read_diagnostics
 from fedmilm.server.checkpoint import (
     ServerState,
@@ -45,7 +36,9 @@ from fedmilm.server.checkpoint import (
 from fedmilm.server.messages import (
     EVALUATE,
     TRAIN,
+    TrainOutcome,
     TrainReplies,
+    Wiring,
     build_messages,
     client_eval,
     collect_device_ids,
@@ -55,6 +48,7 @@ from fedmilm.server.messages import (
     reject_outlying_norms,
     round_config,
 )
+from fedmilm.server.outputs import finish, round_record, trained_diagnostics
 from fedmilm.server.secure import secure_mean
 from fedmilm.training.memory import MemoryPlan, plan_for
 
@@ -88,89 +82,6 @@ def _warn_risky(cfg: FedMilmConfig) -> None:
     elif cfg.privacy.seeded_noise:
         log.warning("privacy.seeded_noise=true: DP randomness is reproducible from the seed, so "
                     "anyone with the config can replay it: no guarantee holds; tests only")
-
-
-def _round_record(server_round: int, *, cohort: list[int], outcome: TrainOutcome,
-                  evals: list[ClientEval], bytes_down: int, started: float,
-                  aggregator: Aggregator, state: ServerState, cfg: FedMilmConfig,
-                  trained: dict[int, dict] | None) -> RoundRecord:
-    """The round's line. Under user-level DP, counts of who took part are not released (null);
-    under any DP, per-phone training statistics come only from simulator diagnostics
-    (`trained`), labelled as outside the guarantee, and never from the wire."""
-    replies, skipped = outcome.replies, outcome.step is None
-    secret = cfg.privacy.user_level
-    dp = cfg.privacy.any_dp
-    if dp:
-        stats = list((trained or {}).values())
-        losses = [t[protocol.TRAIN_LOSS] for t in stats]
-        tokens = sum(t[protocol.TRAIN_TOKENS] for t in stats)
-        seconds = sum(t[protocol.TRAIN_SECONDS] for t in stats)
-    else:
-        losses = [u.train_loss for u in replies.accepted]
-        tokens = sum(u.tokens or 0 for u in replies.accepted)
-        seconds = sum(u.seconds or 0.0 for u in replies.accepted)
-    return RoundRecord(
-        round=server_round, clients=None if secret else 0 if skipped else outcome.contributors,
-        sampled=len(cohort),
-        rejected=None if secret else replies.rejected,
-        declined=None if secret else replies.declined,
-        train_loss=mean_or_none(losses),
-        loss_base=mean_or_none([e.loss_base for e in evals]),
-        loss_global=mean_or_none([e.loss_global for e in evals]),
-        loss_personal=mean_or_none([e.loss_personal for e in evals]),
-        bytes_up=None if secret else outcome.bytes_up, bytes_down=bytes_down,
-        seconds=time.perf_counter() - started,
-        tokens_per_s=tokens / seconds if seconds > 0 else None,
-        epsilon_user=aggregator.epsilon(),
-        epsilon_sample_max=state.epsilon_sample_max,
-        delta=cfg.privacy.delta if dp else None,
-        accountant=cfg.privacy.accountant if dp else None,
-        per_client=evals, skipped=skipped, loss_by_rank=losses_by_rank(evals),
-        seeded_noise=dp and cfg.privacy.seeded_noise,
-        diagnostics=DIAGNOSTICS_LABEL if dp and trained is not None else None,
-        ledger_decreases=outcome.ledger_decreases,
-    )
-
-
-def _finish(space: AdapterSpace, global_state: State, cfg: FedMilmConfig, run_dir: Path,
-            *, completed: int, stopped_because: str | None) -> None:
-    (run_dir / "summary.json").write_text(json.dumps({
-        "rounds_planned": cfg.federation.rounds, "rounds_completed": completed,
-        "stopped_early_because": stopped_because}))
-    base = cfg.model.path or cfg.model.name
-    save_global_adapter(space, global_state, run_dir / "global_adapter", base_model=base)
-    records = read_records(run_dir / "metrics.jsonl")
-    plots = run_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    if not records:
-        return
-    plot_losses(records, plots / "loss_per_round.png")
-    if any(r["epsilon_user"] is not None or r["epsilon_sample_max"] is not None for r in records):
-        plot_privacy(records, plots / "epsilon_per_round.png")
-    evaluated = [r for r in records if r["per_client"]]
-    if evaluated:
-        plot_clients(evaluated[-1], plots / "per_client_loss.png")
-
-
-@dataclass(frozen=True)
-class Wiring:
-    """What every message of this run carries and how replies map to phones; fixed for the
-    whole run, so it is computed once."""
-
-    config_text: str               # the validated run config as YAML
-    devices: dict[int, int]        # node id -> device id
-    diagnostics: Path | None       # simulation: where virtual phones leave per-phone results
-
-
-@dataclass
-class TrainOutcome:
-    """A round's training result: the global step (None: skipped) and what to record."""
-
-    step: State | None
-    replies: TrainReplies
-    contributors: int
-    bytes_up: int
-    ledger_decreases: int | None = None
 
 
 def _left(deadline: float) -> float:
@@ -326,19 +237,6 @@ def _evaluate(grid: Grid, state: ServerState, server_round: int, cfg: FedMilmCon
     return sorted((e for e in parsed if isinstance(e, ClientEval)), key=lambda e: e.device)
 
 
-def _trained_diagnostics(cfg: FedMilmConfig, wiring: Wiring, state: ServerState,
-                         server_round: int, cohort_devices: list[int]) -> dict[int, dict] | None:
-    """Under DP in simulation: what the cohort's virtual phones left on disk about their
-    training (outside the wire); keeps the largest phone epsilon seen."""
-    if not cfg.privacy.any_dp or wiring.diagnostics is None:
-        return None
-    trained = read_diagnostics(wiring.diagnostics, server_round, DIAG_TRAIN, cohort_devices)
-    epsilons = [t["epsilon_sample"] for t in trained.values() if t.get("epsilon_sample")]
-    if epsilons:
-        state.epsilon_sample_max = max([*epsilons, state.epsilon_sample_max or 0.0])
-    return trained
-
-
 def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
                    diagnostics: Path | None = None,
                    identities: dict[int, int] | None = None) -> State:
@@ -397,7 +295,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
                         server_round, outcome.contributors, fed.min_replies)
         else:
             state.global_state = apply_update(state.global_state, outcome.step)
-        trained = _trained_diagnostics(cfg, wiring, state, server_round, cohort_devices)
+        trained = trained_diagnostics(cfg, wiring, state, server_round, cohort_devices)
         # ---- account before release: the charged accountant and the new global part are on
         # disk before anything derived from them leaves (a resume re-sends this aggregate)
         state.round, state.aggregator = server_round, aggregator.state_dict()
@@ -408,7 +306,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         # ---- evaluate, record
         evals = _evaluate(grid, state, server_round, cfg, wiring, population, deadline)
         bytes_down = len(cohort) * ArrayRecord(state.global_state).count_bytes()
-        record = _round_record(server_round, cohort=cohort, outcome=outcome, evals=evals,
+        record = round_record(server_round, cohort=cohort, outcome=outcome, evals=evals,
                                bytes_down=bytes_down, started=started, aggregator=aggregator,
                                state=state, cfg=cfg, trained=trained)
         if trace is not None:
@@ -416,7 +314,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         append_record(metrics_path, record)
         log.info(format_progress(record, fed.rounds))
     # ---- finish: PEFT adapter and plots
-    _finish(space, state.global_state, cfg, run_dir, completed=state.round,
+    finish(space, state.global_state, cfg, run_dir, completed=state.round,
             stopped_because=stopped_because)
     if cfg.client.runtime == "executorch":  # what a phone app downloads next
         from fedmilm.export.manifest import Manifest

@@ -6,6 +6,7 @@ import logging
 import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
@@ -40,6 +41,27 @@ class TrainReplies:
     rejected: int = 0
     declined: int = 0                  # phones that declined (budget, policy, conditions, ...)
     ledger_trainings: dict[int, int] = field(default_factory=dict)  # device -> its ledger count
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What every message of this run carries and how replies map to phones; fixed for the
+    whole run, so it is computed once."""
+
+    config_text: str               # the validated run config as YAML
+    devices: dict[int, int]        # node id -> device id
+    diagnostics: Path | None       # simulation: where virtual phones leave per-phone results
+
+
+@dataclass
+class TrainOutcome:
+    """A round's training result: the global step (None: skipped) and what to record."""
+
+    step: State | None
+    replies: TrainReplies
+    contributors: int
+    bytes_up: int
+    ledger_decreases: int | None = None
 
 
 def round_config(server_round: int, config_text: str) -> ConfigRecord:
