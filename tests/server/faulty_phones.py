@@ -42,6 +42,8 @@ def _corrupt(update: dict[str, torch.Tensor], fault: str) -> dict[str, torch.Ten
         bad[first] = update[first].to(torch.int64)
     elif fault == "norm":
         bad[first] = update[first] + 1e6
+    elif fault == "long":  # under the absolute cap, 50x an honest update
+        bad = {k: v * 50 for k, v in update.items()}
     else:
         raise ValueError(f"unknown fault {fault!r}")
     return bad
@@ -58,14 +60,17 @@ def _misbehave(msg: Message, context: Context, call) -> Message:
         time.sleep(STRAGGLER_SLEEP_S)  # answers long after the round deadline
     reply = call(msg, context)
     update = reply.content.array_records[protocol.UPDATE_ARRAYS].to_torch_state_dict()
-    if fault in (None, "straggler"):
+    metrics = reply.content.metric_records[protocol.METRICS]
+    if fault == "liar":  # an honest update with a claim to outweigh everyone
+        metrics[protocol.NUM_EXAMPLES] = 10**15
+    if fault in (None, "straggler", "liar"):
         server_round = int(msg.content.config_records[protocol.CONFIG][protocol.SERVER_ROUND])
         name = f"round{server_round}_device{device}.safetensors"
         save_file({k: v.contiguous() for k, v in update.items()},
                   str(Path(os.environ[HONEST_DIR_ENV]) / name))
         return reply
     content = RecordDict({protocol.UPDATE_ARRAYS: ArrayRecord(_corrupt(update, fault)),
-                          protocol.METRICS: reply.content.metric_records[protocol.METRICS]})
+                          protocol.METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
 

@@ -90,6 +90,28 @@ def test_only_honest_updates_reach_the_global_adapter(tmp_path, monkeypatch, cap
     assert any(float((after[k] - initial[k]).abs().max()) > 0 for k in space.global_keys)
 
 
+def test_one_phone_cannot_set_the_global_step(tmp_path, monkeypatch, caplog):
+    """A phone claiming 10^15 examples weighs like a full honest phone; a phone sending 50x
+    an honest update (under the absolute cap) is rejected by the cohort-relative bound."""
+    cfg = tiny_config("personalization=none", "federation.num_clients=5",
+                      "federation.clients_per_round=5", "federation.min_replies=2",
+                      "federation.rounds=1", "train.lr=0.05", "federation.max_update_norm=1e6")
+    honest = tmp_path / "honest"
+    honest.mkdir()
+    with caplog.at_level(logging.WARNING, logger="fedmilm.server"):
+        _run(cfg, tmp_path / "run", {3: "liar", 4: "long"}, honest, monkeypatch)
+    [row] = _rows(tmp_path / "run")
+    assert row["clients"] == 4 and row["rejected"] == 1
+    assert "norm_bound_multiple" in caplog.text
+    space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=cfg.seed)
+    initial = space.initial_state(space.global_keys)
+    updates = [load_file(str(honest / f"round1_device{d}.safetensors")) for d in (0, 1, 2, 3)]
+    after = _global(tmp_path / "run", 1)
+    for key in space.global_keys:  # every phone holds train_per_user examples: equal weights
+        expected = initial[key] + sum(u[key] for u in updates) / 4
+        torch.testing.assert_close(after[key], expected, rtol=1e-5, atol=1e-7)
+
+
 def test_round_with_too_few_valid_replies_is_skipped(tmp_path, monkeypatch):
     cfg = tiny_config("personalization=none", "federation.num_clients=4",
                       "federation.clients_per_round=4", "federation.min_replies=3",

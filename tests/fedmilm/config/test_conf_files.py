@@ -18,7 +18,7 @@ def _options(group: str) -> list[str]:
 def test_every_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if (group, option) == ("model", "hf"):
-        (tmp_path / "config.json").write_text("{}")
+        (tmp_path / "config.json").write_text('{"model_type": "llama"}')
         overrides.append(f"model.path={tmp_path}")
     if (group, option) == ("data", "jsonl"):
         overrides.append(f"data.path={tmp_path}")
