@@ -90,3 +90,14 @@ def test_compose_documents_how_to_submit_a_run():
     text = (DOCKER / "compose.yaml").read_text()
     submit = next(line for line in text.splitlines() if "fedmilm-deploy deploy.connect" in line)
     assert shlex.split(submit.lstrip("# ").rstrip("\\"))[0] == "fedmilm-deploy"
+
+
+def test_the_compose_phones_own_a_valid_privacy_policy():
+    from fedmilm.privacy.policy import PhonePolicy
+
+    text = (Path(__file__).resolve().parents[3] / "docker" / "phone-policy.json").read_text()
+    policy = PhonePolicy.from_json(text, "docker/phone-policy.json")
+    assert not policy.allow_seeded_noise and policy.min_sample_noise > 0
+    compose = (Path(__file__).resolve().parents[3] / "docker" / "compose.yaml").read_text()
+    assert compose.count("./phone-policy.json:/policy/privacy_policy.json:ro") == 2
+    assert compose.count("privacy-policy='/policy/privacy_policy.json'") == 2
