@@ -72,6 +72,16 @@ def run_dir_and_config(raw: DictConfig, hydra_dir: str, task_overrides: list[str
     return load_or_exit(saved), run_dir
 
 
+class RunFailed(RuntimeError):
+    """The federation ran but did not finish its rounds: one line for the user, exit 1."""
+
+
+def fail_in_one_line(err: RunFailed) -> None:
+    """Print `err` as the user's one line (the log above has the detail) and exit 1."""
+    print(f"fedmilm: run failed: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
 def report_run(cfg: FedMilmConfig, run_dir: Path, started: float) -> None:
     """Check that every planned round ran (or the run stopped at its privacy budget, which is
     a success) and log the last round's losses; raise if rounds are missing or all skipped."""
@@ -80,11 +90,11 @@ def report_run(cfg: FedMilmConfig, run_dir: Path, started: float) -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     stopped = summary.get("stopped_early_because")
     if len(records) != cfg.federation.rounds and not (stopped and records):
-        raise RuntimeError(f"the federation stopped after {len(records)} of "
-                           f"{cfg.federation.rounds} rounds; see the log above")
+        raise RunFailed(f"the federation stopped after {len(records)} of "
+                        f"{cfg.federation.rounds} rounds; see the log above")
     if all(r["skipped"] for r in records):
-        raise RuntimeError(f"every one of the {len(records)} rounds was skipped (too few valid "
-                           "replies): the adapter never changed; see the log above")
+        raise RunFailed(f"every one of the {len(records)} rounds was skipped (too few valid "
+                        "replies): the adapter never changed; see the log above")
     if stopped:
         log.info("stopped after round %d of %d: %s", len(records), cfg.federation.rounds,
                  stopped)

@@ -26,7 +26,14 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fedmilm.adapters.space import release_cached_spaces  # noqa: E402
-from fedmilm.cli.common import CONFIG_DIR, prepare_run, report_run, run_dir_and_config  # noqa: E402
+from fedmilm.cli.common import (  # noqa: E402
+    CONFIG_DIR,
+    RunFailed,
+    fail_in_one_line,
+    prepare_run,
+    report_run,
+    run_dir_and_config,
+)
 from fedmilm.config import FedMilmConfig  # noqa: E402
 from fedmilm.deploy.local import LocalFederation, remote_cli  # noqa: E402
 
@@ -52,8 +59,8 @@ def deploy(cfg: FedMilmConfig, run_dir: Path) -> None:
     with LocalFederation(cfg, run_dir) as federation:
         code = federation.submit_and_stream()
         if code != 0:
-            raise RuntimeError(f"flwr run exited with code {code}; process logs in "
-                               f"{federation.layout.logs}\n{federation.failure_context()}")
+            raise RunFailed(f"flwr run exited with code {code}; process logs in "
+                            f"{federation.layout.logs}\n{federation.failure_context()}")
     report_run(cfg, run_dir, started)
 
 
@@ -62,7 +69,7 @@ def _submit_to_existing(cfg: FedMilmConfig, run_dir: Path, started: float) -> No
     server_dir = Path(cfg.deploy.server_run_dir) if cfg.deploy.server_run_dir else run_dir
     code = remote_cli(cfg, run_dir).submit_and_stream(cfg, server_dir)
     if code != 0:
-        raise RuntimeError(f"flwr run exited with code {code}; see {run_dir}/deploy/logs")
+        raise RunFailed(f"flwr run exited with code {code}; see {run_dir}/deploy/logs")
     if server_dir == run_dir:
         report_run(cfg, run_dir, started)
     else:
@@ -82,6 +89,8 @@ def _main(raw: DictConfig) -> None:
     _stop_on_sigterm()
     try:
         deploy(cfg, run_dir)
+    except RunFailed as err:
+        fail_in_one_line(err)
     except KeyboardInterrupt:
         log.warning("interrupted: every SuperLink/SuperNode process was stopped; continue with "
                     "fedmilm-deploy resume=%s", run_dir)

@@ -23,6 +23,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from fedmilm.cli.common import (  # noqa: E402
     CONFIG_DIR,
+    RunFailed,
+    fail_in_one_line,
     load_component,
     prepare_run,
     report_run,
@@ -101,7 +103,10 @@ def _main(raw: DictConfig) -> None:
     cfg, run_dir = run_dir_and_config(raw, hydra_cfg.runtime.output_dir,
                                       list(hydra_cfg.overrides.task))
     logging.getLogger("flwr").propagate = False  # flwr has its own handler; no double lines
-    simulate(cfg, run_dir)
+    try:
+        simulate(cfg, run_dir)
+    except RunFailed as err:
+        fail_in_one_line(err)
 
 
 def main() -> None:

@@ -90,3 +90,17 @@ def test_lora_targets_that_match_nothing_stop_before_anything_is_written(tmp_pat
 def test_a_budget_nothing_fits_is_one_line(capsys):
     cfg = load_or_exit(compose_config(["model=tiny", "client.memory_budget_mb=64"]))
     assert "client.memory_budget_mb=64" in _one_line_exit(capsys, lambda: check_model(cfg))
+
+
+def test_a_run_whose_every_round_was_skipped_fails(tmp_path):
+    from fedmilm.cli.common import RunFailed, report_run
+
+    cfg = load_or_exit(compose_config(["model=tiny", "federation.rounds=2"]))
+    rows = [{"round": r, "skipped": True, "loss_base": None, "loss_global": None,
+             "loss_personal": None} for r in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RunFailed, match="every one of the 2 rounds was skipped"):
+        report_run(cfg, tmp_path, started=0.0)
+    rows[1]["skipped"] = False
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report_run(cfg, tmp_path, started=0.0)  # one aggregated round is a run
