@@ -124,6 +124,9 @@ def main() -> None:
 Command: `{command}` (LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}, batch
 {args.batch} x {args.seq} tokens, AdamW). Machine: {machine()}. Median of {args.steps}
 interleaved steps per mode after one warm-up; peak RSS of the process {peak:.2f} GiB.
+`hooks-csprng` is what fedmilm's phones run: Opacus hooks with the noise (and, in training, the
+Poisson masks) from the phone's ChaCha20 CSPRNG, four normals per coordinate as in Opacus's
+secure mode; `hooks` draws Opacus's default single normal from torch's generator.
 
 | Opacus mode | tokens/s | time vs no DP |
 |---|---|---|
