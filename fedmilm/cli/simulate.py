@@ -91,10 +91,26 @@ def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
     started = time.perf_counter()
     if cfg.federation.ray_address:
         attach_ray(cfg.federation.ray_address)
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=cfg.federation.num_clients,
-                   backend_config=backend_config(cfg))
+    try:
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=cfg.federation.num_clients,
+                       backend_config=backend_config(cfg))
+    except RuntimeError as err:  # Flower: "Simulation Runtime crashed" and its cause
+        cause: BaseException = err
+        while cause.__cause__ is not None:  # Flower wraps the reason twice
+            cause = cause.__cause__
+        stop_now(f"the simulation runtime crashed: {type(cause).__name__}: "
+                 f"{str(cause).splitlines()[0] if str(cause) else ''}")
     report_run(cfg, run_dir, started)
+
+
+def stop_now(line: str) -> None:
+    """One line, then exit 1 at once: after a runtime crash Flower's ServerApp thread (not a
+    daemon) would keep the process waiting out its round deadline. Ray's processes share this
+    process's fate, as after a kill."""
+    print(f"fedmilm: run failed: {line}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")

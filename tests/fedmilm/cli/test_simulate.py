@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,18 @@ def test_invalid_config_stops_before_training(override, needle, tmp_path):
     assert done.returncode != 0
     assert needle in done.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_runtime_crash_ends_the_command_at_once_with_one_line(tmp_path):
+    """Workers that can never start (each phone asks for 64 CPUs): Flower's runtime crashes and
+    its ServerApp thread would wait out the round deadline (600 s); we stop in seconds."""
+    started = time.monotonic()
+    done = _simulate(["model=tiny", "federation.cpus_per_client=64", "federation.rounds=1",
+                      f"hydra.run.dir={tmp_path}"], timeout=180)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedmilm: run failed: the simulation runtime crashed")
+    assert time.monotonic() - started < 120
 
 
 def test_both_privacy_levels_are_accounted_and_reported(tmp_path):
