@@ -259,3 +259,20 @@ def test_dp_sgd_cannot_be_replayed_from_the_public_config(tmp_path, seeded):
             for r in (phone, replay))
     same = all(torch.equal(a[k], b[k]) for k in a)
     assert same == seeded
+
+
+def test_a_phone_without_its_own_policy_declines(tmp_path):
+    cfg = tiny_config()
+    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                 seed=cfg.seed)
+    config = ConfigRecord({protocol.SERVER_ROUND: 1, protocol.RUN_CONFIG: to_yaml(cfg)})
+    msg = Message(content=RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(
+        space.initial_state(space.global_keys)), protocol.CONFIG: config}),
+        dst_node_id=11, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=11, node_config={
+        protocol.PARTITION_ID: 0, protocol.DEVICE_DIR: str(tmp_path / "own")},
+        state=RecordDict(), run_config={})
+    reply = app(msg, context)
+    assert reply.content.metric_records[protocol.METRICS][protocol.DECLINED] == \
+        protocol.DECLINED_POLICY
+    assert not reply.content.array_records
