@@ -44,6 +44,16 @@ def _run(cfg, run_dir: Path, faults: dict[int, str], honest_dir: Path, monkeypat
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
 
 
+def _federate(cfg, tmp_path: Path, faults: dict[int, str], monkeypatch, caplog) -> Path:
+    """One simulated federation into `tmp_path/run`, server warnings captured; returns the
+    folder where honest phones left their updates."""
+    honest = tmp_path / "honest"
+    honest.mkdir()
+    with caplog.at_level(logging.WARNING, logger="fedmilm.server"):
+        _run(cfg, tmp_path / "run", faults, honest, monkeypatch)
+    return honest
+
+
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -65,10 +75,7 @@ def test_only_honest_updates_reach_the_global_adapter(tmp_path, monkeypatch, cap
     cfg = tiny_config("personalization=none", "federation.num_clients=11",
                       "federation.clients_per_round=11", "federation.min_replies=2",
                       "federation.rounds=1", "federation.round_timeout_s=30", "train.lr=0.05")
-    honest = tmp_path / "honest"
-    honest.mkdir()
-    with caplog.at_level(logging.WARNING, logger="fedmilm.server"):
-        _run(cfg, tmp_path / "run", faults, honest, monkeypatch)
+    honest = _federate(cfg, tmp_path, faults, monkeypatch, caplog)
 
     [row] = _rows(tmp_path / "run")
     assert row["round"] == 1 and row["clients"] == 2 and row["rejected"] == 9
@@ -98,10 +105,7 @@ def test_one_phone_cannot_set_the_global_step(tmp_path, monkeypatch, caplog):
     cfg = tiny_config("personalization=none", "federation.num_clients=5",
                       "federation.clients_per_round=5", "federation.min_replies=2",
                       "federation.rounds=1", "train.lr=0.05", "federation.max_update_norm=1e6")
-    honest = tmp_path / "honest"
-    honest.mkdir()
-    with caplog.at_level(logging.WARNING, logger="fedmilm.server"):
-        _run(cfg, tmp_path / "run", {3: "liar", 4: "long"}, honest, monkeypatch)
+    honest = _federate(cfg, tmp_path, {3: "liar", 4: "long"}, monkeypatch, caplog)
     [row] = _rows(tmp_path / "run")
     assert row["clients"] == 4 and row["rejected"] == 1
     assert "norm_bound_multiple" in caplog.text
