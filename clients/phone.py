@@ -6,7 +6,7 @@ phones, so the base model is loaded once and only adapter tensors change per pho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +23,7 @@ from fedmilm.config import FedMilmConfig, load_config
 from fedmilm.data import Example, encode_all, load_user
 from fedmilm.model import load_tokenizer
 from fedmilm.privacy.policy import PhonePolicy, read_policy
+from fedmilm.training.device import base_dtype, resolve_device
 from fedmilm.training.memory import MemoryPlan, plan_for
 
 if TYPE_CHECKING:  # ExecuTorch is imported only by phones that run it
@@ -35,8 +36,12 @@ def _config(text: str) -> FedMilmConfig:
 
 
 def _space(cfg: FedMilmConfig, rank: int | None = None) -> AdapterSpace:
+    """The tier's space on the device this phone trains on (`train.device`)."""
     lora = cfg.lora if rank is None else lora_for_rank(cfg.lora, rank)
-    return cached_adapter_space(cfg.model, lora, mode=cfg.personalization.mode, seed=cfg.seed)
+    device = resolve_device(cfg.train.device)
+    model = replace(cfg.model, dtype=base_dtype(cfg.model.dtype, device))
+    return cached_adapter_space(model, lora, mode=cfg.personalization.mode, seed=cfg.seed,
+                                device=device)
 
 
 @lru_cache(maxsize=8)

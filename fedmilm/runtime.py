@@ -20,10 +20,20 @@ OFFLINE_ENV = {
 }
 
 
-def quiet_offline_env() -> None:
-    """Force the offline/no-telemetry variables (a user may not turn telemetry back on by
-    accident through an inherited environment) and silence library progress bars."""
-    os.environ.update(OFFLINE_ENV)
+VERBOSE_ENV = "FEDMILM_VERBOSE"  # "1": every library's own lines too (inherited by workers)
+
+
+def verbose() -> bool:
+    """Whether the user asked for the libraries' own log lines (`verbose=true`)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_logs() -> None:
+    """Silence the import-time chatter of the libraries under us, unless `verbose()`. Cheap
+    (no imports): `fedmilm` calls it on import, so every Ray worker is quiet before it loads
+    torchao or peft."""
+    if verbose():
+        return
     # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every wrap.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                             category=FutureWarning)
@@ -41,7 +51,15 @@ def quiet_offline_env() -> None:
     # deprecated importlib helper, on every call; neither is actionable for a user.
     warnings.filterwarnings("ignore", message="This API is experimental", category=Warning)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"executorch(\.|$)")
+
+
+def quiet_offline_env() -> None:
+    """Force the offline/no-telemetry variables (a user may not turn telemetry back on by
+    accident through an inherited environment) and silence library progress bars."""
+    os.environ.update(OFFLINE_ENV)
+    quiet_logs()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    if not verbose():
+        hf_logging.set_verbosity_error()

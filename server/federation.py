@@ -6,10 +6,11 @@ import json
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedmilm.adapters import AdapterSpace, State, cached_adapter_space
@@ -25,6 +26,7 @@ from fedmilm.metrics import (
 )
 from fedmilm.metrics.diagnostics import EVALUATE as DIAG_EVALUATE
 from fedmilm.metrics.diagnostics import read_diagnostics
+from fedmilm.metrics.progress import RoundProgress
 from fedmilm.server.checkpoint import (
     ServerState,
     checkpoints,
@@ -36,6 +38,8 @@ from fedmilm.server.checkpoint import (
 from fedmilm.server.messages import (
     EVALUATE,
     TRAIN,
+    ClientUpdate,
+    TrainCollector,
     TrainOutcome,
     TrainReplies,
     Wiring,
@@ -43,13 +47,12 @@ from fedmilm.server.messages import (
     client_eval,
     collect_device_ids,
     collect_evals,
-    collect_updates,
     query_messages,
-    reject_outlying_norms,
     round_config,
 )
 from fedmilm.server.outputs import finish, round_record, trained_diagnostics
 from fedmilm.server.secure import secure_mean
+from fedmilm.server.transport import stream_replies
 from fedmilm.training.memory import MemoryPlan, plan_for
 
 log = logging.getLogger("fedmilm.server")
@@ -89,34 +92,60 @@ def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
+def _progress(cfg: FedMilmConfig, server_round: int, phase: str, sampled: int,
+              secret: bool = False) -> RoundProgress:
+    return RoundProgress(server_round=server_round, rounds=cfg.federation.rounds, phase=phase,
+                         sampled=sampled, every_s=cfg.federation.progress_every_s,
+                         emit=log.info, counts_secret=secret)
+
+
+def _send(grid: Grid, nodes: list[int], message_type: str, state: ServerState,
+          server_round: int, cfg: FedMilmConfig, wiring: Wiring, deadline: float,
+          progress: RoundProgress) -> Iterator[Message]:
+    """The replies of `nodes` to this round's message, as they arrive."""
+    messages = build_messages(nodes, message_type=message_type,
+                              global_state=state.global_state, server_round=server_round,
+                              config_text=wiring.config_text)
+    for reply in stream_replies(grid, messages, deadline=deadline,
+                                window=cfg.federation.max_in_flight, on_wait=progress.tick):
+        progress.reply()
+        yield reply
+
+
 def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round: int,
                  aggregator: Aggregator, cfg: FedMilmConfig, wiring: Wiring,
                  deadline: float) -> TrainOutcome:
-    """Send the global part, validate every reply, aggregate what passes."""
+    """Send the global part; validate each reply as it arrives and fold it into the round's
+    running sums (the update is dropped at once: memory stays one adapter)."""
     fed = cfg.federation
-    train_msgs = build_messages(cohort, message_type=TRAIN, global_state=state.global_state,
-                                server_round=server_round, config_text=wiring.config_text)
-    replies = list(grid.send_and_receive(train_msgs, timeout=_left(deadline)))
     secret = cfg.privacy.user_level  # who took part is secret from log readers
-    sorted_replies = collect_updates(replies, state.global_state, devices=wiring.devices,
-                                     max_norm=aggregator.max_update_norm,
-                                     dp=cfg.privacy.any_dp, quiet=secret)
-    if not secret:  # under user-level DP the clip bounds every phone (and keeps the analysis)
-        reject_outlying_norms(sorted_replies, multiple=fed.norm_bound_multiple,
-                              devices=wiring.devices)
-    missing = len(cohort) - len(replies)
+    round_sum = aggregator.start_round()
+    ranked = bool(cfg.lora.rank_by_tier)
+
+    def fold(update: ClientUpdate) -> None:
+        round_sum.add(update.update, aggregator.weight_of(update.num_examples),
+                      (update.rank or cfg.lora.r) if ranked else None)
+
+    # under user-level DP the clip bounds every phone (and keeps the analysis): no norm bound
+    collector = TrainCollector(state.global_state, devices=wiring.devices,
+                               max_norm=aggregator.max_update_norm, dp=cfg.privacy.any_dp,
+                               quiet=secret, fold=fold,
+                               norm_multiple=None if secret else fed.norm_bound_multiple)
+    answered = 0
+    for reply in _send(grid, cohort, TRAIN, state, server_round, cfg, wiring, deadline,
+                       _progress(cfg, server_round, "training", len(cohort), secret)):
+        answered += 1
+        collector.take(reply)
+    replies = collector.finish()
+    missing = len(cohort) - answered
     if missing and not secret:
         log.warning("round %d: %d phone(s) did not reply within federation.round_timeout_s="
                     "%g s; left out", server_round, missing, fed.round_timeout_s)
-    sorted_replies.rejected += missing
-    accepted = sorted_replies.accepted
-    ranks = [u.rank or cfg.lora.r for u in accepted] if cfg.lora.rank_by_tier else None
-    step = aggregator.aggregate([u.update for u in accepted], [u.num_examples for u in accepted],
-                                state.global_state, ranks=ranks)
-    return TrainOutcome(step=step, replies=sorted_replies, contributors=len(accepted),
-                        bytes_up=sum(u.nbytes for u in accepted),
-                        ledger_decreases=None if secret else _track_ledgers(state,
-                                                                            sorted_replies))
+    replies.rejected += missing
+    step = aggregator.finish_round(round_sum, state.global_state)
+    return TrainOutcome(step=step, replies=replies, contributors=round_sum.count,
+                        bytes_up=sum(u.nbytes for u in replies.accepted),
+                        ledger_decreases=None if secret else _track_ledgers(state, replies))
 
 
 def _track_ledgers(state: ServerState, replies: TrainReplies) -> int | None:
@@ -225,10 +254,10 @@ def _evaluate(grid: Grid, state: ServerState, server_round: int, cfg: FedMilmCon
     node_of = {device: node for node, device in wiring.devices.items()}
     eval_devices = (population if fed.clients_per_eval is None
                     else sorted(state.sampler.sample(population, fed.clients_per_eval)))
-    eval_msgs = build_messages([node_of[d] for d in eval_devices], message_type=EVALUATE,
-                               global_state=state.global_state, server_round=server_round,
-                               config_text=wiring.config_text)
-    replies = list(grid.send_and_receive(eval_msgs, timeout=_left(deadline)))
+    progress = _progress(cfg, server_round, "evaluation", len(eval_devices),
+                         cfg.privacy.user_level)
+    replies = list(_send(grid, [node_of[d] for d in eval_devices], EVALUATE, state,
+                         server_round, cfg, wiring, deadline, progress))
     if not cfg.privacy.any_dp:
         return collect_evals(replies, wiring.devices)
     assert wiring.diagnostics is not None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from fedmilm import protocol
 from fedmilm.adapters import State
 from fedmilm.aggregation import update_problem
+from fedmilm.aggregation.streaming import StreamingNormBound
 from fedmilm.metrics import ClientEval
 from fedmilm.privacy.user_level import l2_norm
 
@@ -71,15 +72,14 @@ def round_config(server_round: int, config_text: str) -> ConfigRecord:
 
 
 def build_messages(nodes: list[int], *, message_type: str, global_state: State,
-                   server_round: int, config_text: str) -> list[Message]:
-    """One message per node, each with its own fresh records."""
-    messages = []
+                   server_round: int, config_text: str) -> Iterator[Message]:
+    """One message per node, built as it is sent. They share one ArrayRecord and one
+    ConfigRecord (nobody mutates them), so a cohort costs one adapter's memory, not one per
+    phone."""
+    content = RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(global_state),
+                          protocol.CONFIG: round_config(server_round, config_text)})
     for node in nodes:
-        config = round_config(server_round, config_text)
-        content = RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(global_state),
-                              protocol.CONFIG: config})
-        messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
-    return messages
+        yield Message(content=content, dst_node_id=node, message_type=message_type)
 
 
 def query_messages(nodes: list[int]) -> list[Message]:
@@ -206,23 +206,40 @@ def _parse_update(reply: Message, reference: State, max_norm: float,
                         nbytes=arrays.count_bytes(), rank=rank)  # type: ignore[arg-type]
 
 
-def collect_updates(replies: list[Message], reference: State, *, max_norm: float,
-                    devices: dict[int, int], dp: bool = False,
-                    quiet: bool = False) -> TrainReplies:
-    """Sort replies into accepted updates, rejections (each logged with its node id and reason,
-    unless `quiet`) and declines (a normal non-participation). `devices`: node id -> device id.
-    `dp`: replies carry only the update (and a ledger count), never private statistics."""
-    out = TrainReplies()
-    for reply in replies:
+RELATIVE_BOUND_MIN_UPDATES = 3  # below this, a median says nothing: only the absolute cap
+
+
+class TrainCollector:
+    """Sorts training replies one at a time, as they arrive, into accepted updates, rejections
+    (each logged with its node id and reason, unless `quiet`) and declines (a normal
+    non-participation). `devices`: node id -> device id. `dp`: replies carry only the update
+    (and a ledger count), never private statistics. `norm_multiple`: also reject an update
+    longer than that many times the round's median norm so far (`StreamingNormBound`).
+    `fold`: takes each accepted update (the server adds it to its running sums), after which
+    only the update's statistics are kept; without it the updates themselves are kept."""
+
+    def __init__(self, reference: State, *, max_norm: float, devices: dict[int, int],
+                 dp: bool = False, quiet: bool = False, norm_multiple: float | None = None,
+                 fold: Callable[[ClientUpdate], None] | None = None) -> None:
+        self.reference, self.max_norm, self.devices = reference, max_norm, devices
+        self.dp, self.quiet, self.fold = dp, quiet, fold
+        self.out = TrainReplies()
+        self._bound = (None if norm_multiple is None
+                       else StreamingNormBound(norm_multiple, RELATIVE_BOUND_MIN_UPDATES))
+        self._node_of = {device: node for node, device in devices.items()}
+
+    def take(self, reply: Message) -> None:
+        """Sort one reply (the caller may drop it afterwards)."""
+        out, devices, quiet = self.out, self.devices, self.quiet
         node = reply.metadata.src_node_id
         if reply.has_error():
             _reject(node, devices, f"client error: {reply.error.reason}", quiet)
             out.rejected += 1
-            continue
+            return
         if node not in devices:
             _reject(node, devices, "not a node this round was sent to", quiet)
             out.rejected += 1
-            continue
+            return
         device = devices[node]
         metrics = reply.content.metric_records.get(protocol.METRICS)
         count = metric(metrics, protocol.LEDGER_TRAININGS, int, minimum=0, required=False)
@@ -236,39 +253,51 @@ def collect_updates(replies: list[Message], reference: State, *, max_norm: float
             else:
                 log.info("device %d declined to train: %s", device, why)
             out.declined += 1
-            continue
-        parsed = _parse_update(reply, reference, max_norm, device, dp)
+            return
+        parsed = _parse_update(reply, self.reference, self.max_norm, device, self.dp)
         if isinstance(parsed, str):
             _reject(node, devices, parsed, quiet)
             out.rejected += 1
+        elif self._bound is None:
+            self._accept(parsed)
         else:
-            out.accepted.append(parsed)
-    return out
+            self._bound.offer(parsed, l2_norm(parsed.update), self._judge)
 
+    def finish(self) -> TrainReplies:
+        """The round's replies, once no more will come."""
+        if self._bound is not None:
+            self._bound.flush(self._judge)
+        return self.out
 
-RELATIVE_BOUND_MIN_UPDATES = 3  # below this, a median says nothing: only the absolute cap
-
-
-def reject_outlying_norms(replies: TrainReplies, *, multiple: float,
-                          devices: dict[int, int]) -> None:
-    """Reject accepted updates longer than `multiple` x the round's median update norm (with
-    at least RELATIVE_BOUND_MIN_UPDATES updates): one phone cannot take the global step
-    wherever it likes, while honest updates, which shrink as training converges, stay in."""
-    if len(replies.accepted) < RELATIVE_BOUND_MIN_UPDATES:
-        return
-    norms = [l2_norm(u.update) for u in replies.accepted]
-    bound = multiple * statistics.median(norms)
-    kept = []
-    node_of = {device: node for node, device in devices.items()}
-    for update, norm in zip(replies.accepted, norms, strict=True):
-        if norm > bound:
-            _reject(node_of.get(update.device, -1), devices,
+    def _judge(self, update: object, norm: float, bound: float | None) -> None:
+        assert isinstance(update, ClientUpdate) and self._bound is not None
+        if bound is not None and norm > bound:
+            multiple = self._bound.multiple
+            _reject(self._node_of.get(update.device, -1), self.devices,
                     f"update norm {norm:.3g} exceeds federation.norm_bound_multiple="
-                    f"{multiple:g} x the round's median {bound / multiple:.3g}", False)
-            replies.rejected += 1
+                    f"{multiple:g} x the round's median so far {bound / multiple:.3g}",
+                    self.quiet)
+            self.out.rejected += 1
         else:
-            kept.append(update)
-    replies.accepted = kept
+            self._accept(update)
+
+    def _accept(self, update: ClientUpdate) -> None:
+        if self.fold is None:
+            self.out.accepted.append(update)
+            return
+        self.fold(update)
+        self.out.accepted.append(replace(update, update={}))
+
+
+def collect_updates(replies: Iterable[Message], reference: State, *, max_norm: float,
+                    devices: dict[int, int], dp: bool = False, quiet: bool = False,
+                    norm_multiple: float | None = None) -> TrainReplies:
+    """`TrainCollector` over a batch of replies, keeping the accepted updates."""
+    collector = TrainCollector(reference, max_norm=max_norm, devices=devices, dp=dp,
+                               quiet=quiet, norm_multiple=norm_multiple)
+    for reply in replies:
+        collector.take(reply)
+    return collector.finish()
 
 
 def collect_evals(replies: list[Message], devices: dict[int, int]) -> list[ClientEval]:

@@ -10,7 +10,6 @@ is exactly the leading part of the full one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -48,30 +47,6 @@ def pad(state: State, reference: State) -> State:
         padded = torch.zeros_like(ref, dtype=torch.float32)
         padded.narrow(axis, 0, value.shape[axis]).copy_(value)
         out[key] = padded
-    return out
-
-
-def hetero_mean(updates: Sequence[State], ranks: Sequence[int],
-                weights: Sequence[float]) -> State:
-    """Weighted mean of zero-padded updates, per rank component over the phones holding it."""
-    if not updates or len(updates) != len(ranks) or len(updates) != len(weights):
-        raise ValueError("need one rank and one weight per update")
-    out = {}
-    for key, first in updates[0].items():
-        axis = rank_axis(key)
-        total = torch.zeros_like(first, dtype=torch.float32)
-        if axis is None:
-            for update, w in zip(updates, weights, strict=True):
-                total += w * update[key].to(torch.float32)
-            out[key] = total / float(sum(weights))
-            continue
-        coverage = torch.zeros(first.shape[axis])
-        for update, rank, w in zip(updates, ranks, weights, strict=True):
-            total += w * update[key].to(torch.float32)
-            coverage[:rank] += w
-        shape = [1] * first.dim()
-        shape[axis] = -1
-        out[key] = total / coverage.clamp_min(1e-12).reshape(shape)  # uncovered stay 0
     return out
 
 

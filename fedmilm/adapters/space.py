@@ -58,7 +58,7 @@ class AdapterSpace:
     def state(self, keys: tuple[str, ...]) -> State:
         """Float32 copies of the named adapter tensors (what may be stored or sent)."""
         params = self._params()
-        return {k: params[k].detach().to(torch.float32).clone() for k in keys}
+        return {k: params[k].detach().to("cpu", torch.float32).clone() for k in keys}
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy tensors into the model in place; unknown keys or shapes are an error."""
@@ -92,7 +92,7 @@ class AdapterSpace:
 
 
 def build_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: str,
-                        seed: int) -> AdapterSpace:
+                        seed: int, device: str = "cpu") -> AdapterSpace:
     """Load the base model and wrap it with LoRA, deterministically from `seed`.
 
     `lora.variant=ffa` is FFA-LoRA (Sun et al. 2024): A stays at its random init (the same on
@@ -118,6 +118,7 @@ def build_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: s
     keys = [k for k, p in model.named_parameters() if p.requires_grad]
     initial = {k: p.detach().to(torch.float32).clone()
                for k, p in model.named_parameters() if k in set(keys)}
+    model.to(device)  # built on the CPU from the seed: the same initial values everywhere
     return AdapterSpace(
         model=model, tokenizer=tokenizer, mode=mode,
         global_keys=tuple(k for k in keys if is_global(k, mode)),
@@ -134,16 +135,16 @@ def _cached(key: str) -> AdapterSpace:
     if model["architecture"] is not None:
         model["architecture"] = ArchitectureConfig(**model["architecture"])
     return build_adapter_space(ModelConfig(**model), LoraConfig(**spec["lora"]),
-                               mode=spec["mode"], seed=spec["seed"])
+                               mode=spec["mode"], seed=spec["seed"], device=spec["device"])
 
 
 def cached_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: str,
-                         seed: int) -> AdapterSpace:
+                         seed: int, device: str = "cpu") -> AdapterSpace:
     """The per-process space: the base model is loaded once and reused by every client this
     process serves. Up to three setups are kept (the tiers of `lora.rank_by_tier`, each its
     own model copy); a fourth replaces the least recently used."""
     key = json.dumps({"model": asdict(model_cfg), "lora": asdict(lora_cfg), "mode": mode,
-                      "seed": seed}, sort_keys=True)
+                      "seed": seed, "device": device}, sort_keys=True)
     return _cached(key)
 
 

@@ -1,8 +1,14 @@
 """Server-side maths on adapter updates: validation, averaging, cohort and DP strategies."""
 
 from fedmilm.aggregation.fedavg import apply_update, weighted_mean
-from fedmilm.aggregation.strategies import Aggregator, DpFedAvg, FedAvg, create_aggregator
+from fedmilm.aggregation.strategies import (
+    Aggregator,
+    DpFedAvg,
+    FedAvg,
+    aggregate_all,
+    create_aggregator,
+)
 from fedmilm.aggregation.validate import update_problem
 
-__all__ = ["Aggregator", "DpFedAvg", "FedAvg", "apply_update", "create_aggregator",
+__all__ = ["Aggregator", "DpFedAvg", "FedAvg", "aggregate_all", "apply_update", "create_aggregator",
            "update_problem", "weighted_mean"]

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fedmilm.adapters.space import State
+from fedmilm.aggregation.streaming import RunningMean
 
 
 def weighted_mean(updates: Sequence[State], weights: Sequence[float]) -> State:
-    """sum_i w_i * u_i / sum_i w_i, key by key, in float32."""
+    """sum_i w_i * u_i / sum_i w_i, key by key, in float32: the running mean of all of them."""
     if not updates:
         raise ValueError("nothing to average")
     if len(updates) != len(weights) or any(w <= 0 for w in weights):
         raise ValueError("need one positive weight per update")
-    total = float(sum(weights))
-    return {key: sum(w * u[key].to(torch.float32) for u, w in zip(updates, weights, strict=True))
-            / total for key in updates[0]}
+    running = RunningMean()
+    for update, weight in zip(updates, weights, strict=True):
+        running.add(update, float(weight))
+    return running.mean()
 
 
 def apply_update(state: State, update: State) -> State:

@@ -13,15 +13,14 @@ from typing import Any, Protocol
 
 import torch
 
-from fedmilm.adapters.hetero import hetero_mean
 from fedmilm.adapters.space import State
-from fedmilm.aggregation.fedavg import weighted_mean
 from fedmilm.aggregation.robust import robust_mean
+from fedmilm.aggregation.streaming import BufferedUpdates, RoundSum, RunningMean
 from fedmilm.config.schema import FedMilmConfig
 from fedmilm.privacy.accountant import Accountant
 from fedmilm.privacy.calibrate import user_sample_rate
 from fedmilm.privacy.randomness import SeededRandom, private_random
-from fedmilm.privacy.user_level import noised_total, noisy_mean
+from fedmilm.privacy.user_level import noised_total
 
 CLIP_SLACK = 1e-3  # relative float32 slack allowed on a client's clipped norm
 
@@ -35,8 +34,17 @@ class Aggregator(Protocol):
 
     def may_continue(self) -> bool: ...
 
-    def aggregate(self, updates: list[State], weights: list[float], reference: State,
-                  ranks: list[int] | None = None) -> State | None: ...
+    def start_round(self) -> RoundSum:
+        """An empty round: replies are folded into it as they arrive."""
+        ...
+
+    def weight_of(self, num_examples: int) -> float:
+        """The weight a reply claiming `num_examples` examples gets."""
+        ...
+
+    def finish_round(self, round_sum: RoundSum, reference: State) -> State | None:
+        """The global step from everything folded in (None: the round is skipped)."""
+        ...
 
     def aggregate_secure(self, mean: State | None, count: int,
                          reference: State) -> State | None:
@@ -70,6 +78,7 @@ class FedAvg:
         self.method = cfg.aggregation.method
         self.trim_fraction = cfg.aggregation.trim_fraction
         self.byzantine = cfg.aggregation.krum_byzantine
+        self.ranked = bool(cfg.lora.rank_by_tier)
 
     def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]:
         return sorted(sampler.sample(nodes, min(self.k, len(nodes))))
@@ -77,16 +86,21 @@ class FedAvg:
     def may_continue(self) -> bool:
         return True
 
-    def aggregate(self, updates: list[State], weights: list[float], reference: State,
-                  ranks: list[int] | None = None) -> State | None:
-        if len(updates) < self.min_replies:
+    def start_round(self) -> RoundSum:
+        """A running mean (memory of one adapter), except for the robust rules, which need
+        every update at once. Heterogeneous ranks always average per component."""
+        return RunningMean() if self.method == "fedavg" or self.ranked else BufferedUpdates()
+
+    def weight_of(self, num_examples: int) -> float:
+        return float(min(num_examples, self.max_weight))
+
+    def finish_round(self, round_sum: RoundSum, reference: State) -> State | None:
+        if round_sum.count < self.min_replies:
             return None
-        if ranks is not None:  # heterogeneous LoRA ranks: each component over its holders
-            return hetero_mean(updates, ranks, [min(w, self.max_weight) for w in weights])
-        if self.method == "fedavg":
-            return weighted_mean(updates, [min(w, self.max_weight) for w in weights])
-        return robust_mean(updates, method=self.method, trim_fraction=self.trim_fraction,
-                           byzantine=self.byzantine)
+        if isinstance(round_sum, RunningMean):
+            return round_sum.mean()
+        return robust_mean(round_sum.updates, method=self.method,
+                           trim_fraction=self.trim_fraction, byzantine=self.byzantine)
 
     def aggregate_secure(self, mean: State | None, count: int,
                          reference: State) -> State | None:
@@ -144,11 +158,20 @@ class DpFedAvg:
                                               sample_rate=self.rate, num_steps=1)
         return ahead <= self.target
 
-    def aggregate(self, updates: list[State], weights: list[float], reference: State,
-                  ranks: list[int] | None = None) -> State | None:
+    def start_round(self) -> RoundSum:
+        return RunningMean()
+
+    def weight_of(self, num_examples: int) -> float:
+        return 1.0  # equal weights: counts are private, and the analysis assumes them
+
+    def finish_round(self, round_sum: RoundSum, reference: State) -> State | None:
+        """Charge the accountant, then noise the sum of the clipped updates (zero-padded
+        ranks add as they are: the sensitivity is the clip either way)."""
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate)
-        return noisy_mean(updates, reference, clip_norm=self.clip, noise_multiplier=self.noise,
-                          expected_clients=self.expected, random=self.random)
+        assert isinstance(round_sum, RunningMean)
+        return noised_total(round_sum.sum_over(reference), clip_norm=self.clip,
+                            noise_multiplier=self.noise, expected_clients=self.expected,
+                            random=self.random)
 
     def aggregate_secure(self, mean: State | None, count: int,
                          reference: State) -> State | None:
@@ -195,3 +218,14 @@ class DpFedAvg:
 def create_aggregator(cfg: FedMilmConfig) -> Aggregator:
     """`DpFedAvg` when user-level DP is on, plain `FedAvg` otherwise."""
     return DpFedAvg(cfg) if cfg.privacy.user_level else FedAvg(cfg)
+
+
+def aggregate_all(aggregator: Aggregator, updates: list[State], num_examples: list[int],
+                  reference: State, ranks: list[int] | None = None) -> State | None:
+    """The global step from a whole list of updates at once (tests, benchmarks): the same
+    fold the server does reply by reply."""
+    round_sum = aggregator.start_round()
+    for i, update in enumerate(updates):
+        round_sum.add(update, aggregator.weight_of(num_examples[i]),
+                      None if ranks is None else ranks[i])
+    return aggregator.finish_round(round_sum, reference)

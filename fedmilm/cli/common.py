@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from fedmilm.devices.availability import TraceFormatError, availability_for
 from fedmilm.metrics import read_records
 from fedmilm.model import smollm2
 from fedmilm.privacy.calibrate import resolve_privacy
+from fedmilm.training.device import DeviceError, resolve_device
 
 log = logging.getLogger("fedmilm")
 
@@ -40,7 +42,9 @@ def load_or_exit(raw: DictConfig) -> FedMilmConfig:
                      for u in range(cfg.federation.num_clients)]
         availability_for(cfg)  # a malformed trace stops us now, not in round 1
         cfg = resolve_privacy(cfg, sizes if cfg.privacy.sample_level else None)
-    except (ConfigError, DataFormatError, TraceFormatError) as err:
+        device = resolve_device(cfg.train.device)  # no GPU for train.device=cuda: stop now
+        cfg = replace(cfg, train=replace(cfg.train, device=device))
+    except (ConfigError, DataFormatError, TraceFormatError, DeviceError) as err:
         for line in str(err).splitlines():
             print(f"fedmilm: config error: {line}", file=sys.stderr)
         sys.exit(2)

@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fedmilm.runtime import quiet_offline_env
@@ -32,6 +33,8 @@ from fedmilm.cli.common import (  # noqa: E402
 )
 from fedmilm.config import FedMilmConfig, to_yaml  # noqa: E402
 from fedmilm.privacy.policy import write_phone_policy  # noqa: E402
+from fedmilm.runtime import VERBOSE_ENV  # noqa: E402
+from fedmilm.training.device import phones_gpu_share  # noqa: E402
 
 SERVER_FACTORY = "fedmilm.server.app:make_server_app"
 CLIENT_FACTORY = "fedmilm.clients.app:make_client_app"
@@ -39,20 +42,37 @@ CLIENT_FACTORY = "fedmilm.clients.app:make_client_app"
 log = logging.getLogger("fedmilm")
 
 
+IN_FLIGHT_PER_WORKER = 4  # messages queued per Ray worker: enough that none ever idles
+
+
 def backend_config(cfg: FedMilmConfig) -> dict:
-    """Ray resources: `cpus_per_client` per virtual phone, i.e. one base-model copy per worker.
-    A private Ray instance unless `federation.ray_address` names a running cluster."""
-    resources = {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": 0.0}
+    """Ray resources: `cpus_per_client` (and on CUDA `gpus_per_client`) per virtual phone,
+    i.e. one base-model copy per worker. A private Ray instance unless
+    `federation.ray_address` names a running cluster."""
+    gpus = phones_gpu_share(cfg.train.device, cfg.federation.gpus_per_client)
+    resources = {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": gpus}
     if cfg.federation.ray_address:  # the cluster's own settings apply; attach_ray connected
         return {"client_resources": resources, "init_args": {}}
     init_args: dict = {"address": "local",  # a new Ray of our own, never a running cluster
                        "_node_ip_address": "127.0.0.1",
-                       "logging_level": "ERROR", "log_to_driver": True,
+                       "logging_level": "INFO" if cfg.verbose else "ERROR",
+                       "log_to_driver": True,
                        "include_dashboard": False,
                        "object_store_memory": 512 * 1024 * 1024}  # adapters are MBs, not GBs
     if cfg.federation.total_cpus is not None:
         init_args["num_cpus"] = cfg.federation.total_cpus
     return {"client_resources": resources, "init_args": init_args}
+
+
+def with_in_flight(cfg: FedMilmConfig) -> FedMilmConfig:
+    """`federation.max_in_flight` for a simulation: null becomes IN_FLIGHT_PER_WORKER per Ray
+    worker of this machine, so Flower's engine never scans a cohort-long queue."""
+    fed = cfg.federation
+    if fed.max_in_flight is not None:
+        return cfg
+    cpus = fed.total_cpus or os.cpu_count() or 1
+    workers = max(1, cpus // fed.cpus_per_client)
+    return replace(cfg, federation=replace(fed, max_in_flight=IN_FLIGHT_PER_WORKER * workers))
 
 
 def private_ray_token() -> None:
@@ -83,6 +103,10 @@ def simulate(cfg: FedMilmConfig, run_dir: Path) -> None:
         private_ray_token()  # before Ray is imported: it reads its auth settings once
     from flwr.simulation import run_simulation
 
+    from fedmilm.cli import flower_engine
+
+    flower_engine.install()  # Flower's dispatcher scans every node every 100 ms
+    cfg = with_in_flight(cfg)
     prepare_run(cfg, run_dir)
     devices = run_dir / "devices"  # the virtual phones' own storage, and their own policy
     write_phone_policy(cfg.privacy, devices)
@@ -119,10 +143,21 @@ def _main(raw: DictConfig) -> None:
     cfg, run_dir = run_dir_and_config(raw, hydra_cfg.runtime.output_dir,
                                       list(hydra_cfg.overrides.task))
     logging.getLogger("flwr").propagate = False  # flwr has its own handler; no double lines
+    if cfg.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # Ray workers inherit it: their libraries speak too
+    else:
+        logging.getLogger("flwr").addFilter(_not_deprecation)
     try:
         simulate(cfg, run_dir)
     except RunFailed as err:
         fail_in_one_line(err)
+
+
+def _not_deprecation(record: logging.LogRecord) -> bool:
+    """Flower 1.42 prints a banner on every run that `run_simulation` is deprecated; fedmilm
+    keeps it on purpose (BENCHMARKS.md: `flwr run` measured slower), so a user need not see
+    it (`verbose=true` shows it)."""
+    return "DEPRECATED FEATURE" not in record.getMessage()
 
 
 def main() -> None:

@@ -79,6 +79,7 @@ class TrainConfig:
     lr: float = MISSING
     weight_decay: float = MISSING
     eval_batch_size: int = MISSING
+    device: str = MISSING  # auto | cpu | cuda: where virtual phones train and evaluate
 
 
 @dataclass
@@ -94,7 +95,10 @@ class FederationConfig:
     max_update_norm: float = MISSING
     norm_bound_multiple: float = MISSING
     cpus_per_client: int = MISSING
+    gpus_per_client: float = MISSING  # GPU share per virtual phone (0.25: four share one)
     total_cpus: int | None = None
+    max_in_flight: int | None = None  # messages out at once; None: all (simulation sets it)
+    progress_every_s: float = MISSING  # an in-round progress line this often (0: none)
     ray_address: str | None = None  # simulation: attach to this Ray cluster (host:port)
 
 
@@ -236,4 +240,5 @@ class FedMilmConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     seed: int = MISSING
+    verbose: bool = False            # the libraries' own log lines too (torch, Flower, Ray)
     resume: str | None = None        # a run directory to continue from its last checkpoint

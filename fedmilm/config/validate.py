@@ -18,6 +18,7 @@ AGGREGATION_METHODS = ("fedavg", "trimmed_mean", "median", "krum")
 AVAILABILITY = ("always", "synthetic", "trace")
 RUNTIMES = ("eager", "executorch")
 CHECKPOINTING = ("auto", "on", "off")
+TRAIN_DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,7 @@ def _check_train(cfg: FedMilmConfig, problems: list[str]) -> None:
     _positive(problems, "train.eval_batch_size", cfg.train.eval_batch_size)
     _positive(problems, "train.lr", cfg.train.lr)
     _positive(problems, "train.weight_decay", cfg.train.weight_decay, allow_zero=True)
+    _choice(problems, "train.device", cfg.train.device, TRAIN_DEVICES)
 
 
 def _check_client(cfg: FedMilmConfig, problems: list[str]) -> None:
@@ -149,6 +151,13 @@ def _check_federation(cfg: FedMilmConfig, problems: list[str]) -> None:
         problems.append(f"federation.norm_bound_multiple={fed.norm_bound_multiple} must be > 1 "
                         "(a multiple of the round's median update norm)")
     _positive(problems, "federation.cpus_per_client", fed.cpus_per_client)
+    _positive(problems, "federation.gpus_per_client", fed.gpus_per_client, allow_zero=True)
+    if fed.gpus_per_client > 1 and not float(fed.gpus_per_client).is_integer():
+        problems.append(f"federation.gpus_per_client={fed.gpus_per_client} must be a fraction "
+                        "<= 1 (phones sharing a GPU) or a whole number of GPUs")
+    if fed.max_in_flight is not None:
+        _positive(problems, "federation.max_in_flight", fed.max_in_flight)
+    _positive(problems, "federation.progress_every_s", fed.progress_every_s, allow_zero=True)
     if fed.clients_per_round > fed.num_clients:
         problems.append(f"federation.clients_per_round={fed.clients_per_round} exceeds "
                         f"federation.num_clients={fed.num_clients}; it must be <= num_clients")

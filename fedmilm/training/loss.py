@@ -8,8 +8,18 @@ import torch.nn.functional as F
 from fedmilm.data.chat import IGNORE, Batch
 
 
+def _on_model_device(model: torch.nn.Module, batch: Batch) -> Batch:
+    """The batch where the model is (a GPU in simulation with `train.device=cuda`)."""
+    device = next(model.parameters()).device
+    if batch.input_ids.device == device:
+        return batch
+    return Batch(batch.input_ids.to(device), batch.attention_mask.to(device),
+                 batch.labels.to(device))
+
+
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropies over labelled positions, number of such positions)."""
+    batch = _on_model_device(model, batch)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     # Predict token t+1 from positions <= t: logits (B, T-1, V) against labels (B, T-1).
     shifted = logits[:, :-1].float()
@@ -25,6 +35,7 @@ def per_example_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     Each interaction counts once whatever its length: the unit DP-SGD clips and the training
     objective agree.
     """
+    batch = _on_model_device(model, batch)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     shifted, targets = logits[:, :-1].float(), batch.labels[:, 1:]  # (B, T-1, V), (B, T-1)
     token = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedmilm.adapters import build_adapter_space
-from fedmilm.adapters.hetero import hetero_mean, lora_for_rank, pad, tier_of, truncate
+from fedmilm.adapters.hetero import lora_for_rank, pad, tier_of, truncate
+from fedmilm.aggregation.streaming import RunningMean
 from tests.conftest import tiny_config
 
 A, B, BIAS = "x.lora_A.default.weight", "x.lora_B.default.weight", "x.other"
@@ -34,14 +35,17 @@ def test_each_component_is_averaged_over_the_phones_that_hold_it():
     reference = _state(4, 0.0)
     small = pad(_state(2, 1.0), reference)   # rank 2 phone: ones in components 0-1
     large = _state(4, 3.0)                   # rank 4 phone: threes everywhere
-    mean = hetero_mean([small, large], ranks=[2, 4], weights=[1.0, 1.0])
+    running = RunningMean()
+    running.add(small, 1.0, rank=2)
+    running.add(large, 1.0, rank=4)
+    mean = running.mean()
     assert torch.allclose(mean[A][:2], torch.full((2, 3), 2.0))   # (1 + 3) / 2
     assert torch.allclose(mean[A][2:], torch.full((2, 3), 3.0))   # only the large phone
     assert torch.allclose(mean[B][:, :2], torch.full((2, 2), 2.0))
     assert torch.allclose(mean[B][:, 2:], torch.full((2, 2), 3.0))
     assert torch.allclose(mean[BIAS], torch.full((2,), 2.0))
     with pytest.raises(ValueError):
-        hetero_mean([small], ranks=[2, 4], weights=[1.0])
+        running.add({A: small[A]}, 1.0, rank=2)  # not the same tensors as the others
 
 
 def test_tiers_are_declared_or_assigned_round_robin():
