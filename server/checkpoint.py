@@ -86,7 +86,7 @@ def save_checkpoint(folder: Path, state: ServerState, *, fingerprint: str) -> Pa
     shutil.rmtree(final, ignore_errors=True)  # a rerun of a round replaces its old folder
     os.replace(tmp, final)
     _fsync_dir(folder)
-    for old in sorted(folder.glob(f"{_PREFIX}*"))[:-KEEP]:
+    for old in checkpoints(folder)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -102,8 +102,10 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def checkpoints(folder: Path) -> list[Path]:
-    """Every complete round folder, oldest first."""
-    return sorted(p for p in folder.glob(f"{_PREFIX}[0-9]*") if p.is_dir())
+    """Every complete round folder, oldest first (by number: round_10000 after round_9999)."""
+    found = [p for p in folder.glob(f"{_PREFIX}[0-9]*")
+             if p.is_dir() and p.name.removeprefix(_PREFIX).isdigit()]
+    return sorted(found, key=round_of)
 
 
 def round_of(path: Path) -> int:

@@ -26,6 +26,7 @@ from fedmilm.metrics import (
 )
 from fedmilm.metrics.diagnostics import EVALUATE as DIAG_EVALUATE
 from fedmilm.metrics.diagnostics import read_diagnostics
+from fedmilm.metrics.per_phone import PER_PHONE_FILE, append_per_phone, keep_rounds_up_to
 from fedmilm.metrics.progress import RoundProgress
 from fedmilm.server.checkpoint import (
     ServerState,
@@ -200,11 +201,13 @@ def _start_state(cfg: FedMilmConfig, space: AdapterSpace, aggregator: Aggregator
     metrics_path = run_dir / "metrics.jsonl"
     if not cfg.resume:
         metrics_path.unlink(missing_ok=True)
+        (run_dir / PER_PHONE_FILE).unlink(missing_ok=True)
         return fresh
     found = load_latest_intact(run_dir / CHECKPOINTS, fingerprint=fingerprint)
     if found is None:
         log.warning("resume: no intact round checkpointed in %s; starting at round 1", run_dir)
         metrics_path.unlink(missing_ok=True)
+        (run_dir / PER_PHONE_FILE).unlink(missing_ok=True)
         return fresh
     path, state = found
     aggregator.load_state_dict(state.aggregator)
@@ -221,6 +224,7 @@ def _start_state(cfg: FedMilmConfig, space: AdapterSpace, aggregator: Aggregator
             delta=cfg.privacy.delta if dp else None,
             accountant=cfg.privacy.accountant if dp else None))))
     metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    keep_rounds_up_to(run_dir / PER_PHONE_FILE, state.round)
     log.info("resume: continuing after round %d from %s", state.round, path)
     return state
 
@@ -341,6 +345,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         if trace is not None:
             record = replace(record, available=len(eligible))
         append_record(metrics_path, record)
+        append_per_phone(run_dir / PER_PHONE_FILE, server_round, evals)
         log.info(format_progress(record, fed.rounds))
     # ---- finish: PEFT adapter and plots
     finish(space, state.global_state, cfg, run_dir, completed=state.round,

@@ -25,6 +25,7 @@ from fedmilm.metrics import (
 )
 from fedmilm.metrics.diagnostics import TRAIN as DIAG_TRAIN
 from fedmilm.metrics.diagnostics import read_diagnostics
+from fedmilm.metrics.per_phone import PER_PHONE_FILE, read_per_phone
 from fedmilm.server.checkpoint import ServerState
 from fedmilm.server.messages import TrainOutcome, Wiring
 
@@ -64,7 +65,7 @@ def round_record(server_round: int, *, cohort: list[int], outcome: TrainOutcome,
         epsilon_sample_max=state.epsilon_sample_max,
         delta=cfg.privacy.delta if dp else None,
         accountant=cfg.privacy.accountant if dp else None,
-        per_client=evals, skipped=skipped, loss_by_rank=losses_by_rank(evals),
+        evaluated=len(evals) or None, skipped=skipped, loss_by_rank=losses_by_rank(evals),
         seeded_noise=dp and cfg.privacy.seeded_noise,
         diagnostics=DIAGNOSTICS_LABEL if dp and trained is not None else None,
         ledger_decreases=outcome.ledger_decreases,
@@ -99,6 +100,7 @@ def finish(space: AdapterSpace, global_state: State, cfg: FedMilmConfig, run_dir
     plot_losses(records, plots / "loss_per_round.png")
     if any(r["epsilon_user"] is not None or r["epsilon_sample_max"] is not None for r in records):
         plot_privacy(records, plots / "epsilon_per_round.png")
-    evaluated = [r for r in records if r["per_client"]]
-    if evaluated:
-        plot_clients(evaluated[-1], plots / "per_client_loss.png")
+    per_phone = read_per_phone(run_dir / PER_PHONE_FILE)
+    if per_phone:
+        last = max(per_phone)
+        plot_clients(per_phone[last], last, plots / "per_client_loss.png")

@@ -78,7 +78,6 @@ class FedAvg:
         self.method = cfg.aggregation.method
         self.trim_fraction = cfg.aggregation.trim_fraction
         self.byzantine = cfg.aggregation.krum_byzantine
-        self.ranked = bool(cfg.lora.rank_by_tier)
 
     def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]:
         return sorted(sampler.sample(nodes, min(self.k, len(nodes))))
@@ -87,9 +86,9 @@ class FedAvg:
         return True
 
     def start_round(self) -> RoundSum:
-        """A running mean (memory of one adapter), except for the robust rules, which need
-        every update at once. Heterogeneous ranks always average per component."""
-        return RunningMean() if self.method == "fedavg" or self.ranked else BufferedUpdates()
+        """A running mean (memory of one adapter; per rank component with heterogeneous
+        ranks), except for the robust rules, which need every update at once."""
+        return RunningMean() if self.method == "fedavg" else BufferedUpdates()
 
     def weight_of(self, num_examples: int) -> float:
         return float(min(num_examples, self.max_weight))
@@ -165,8 +164,7 @@ class DpFedAvg:
         return 1.0  # equal weights: counts are private, and the analysis assumes them
 
     def finish_round(self, round_sum: RoundSum, reference: State) -> State | None:
-        """Charge the accountant, then noise the sum of the clipped updates (zero-padded
-        ranks add as they are: the sensitivity is the clip either way)."""
+        """Charge the accountant, then noise the sum of the clipped updates."""
         self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate)
         assert isinstance(round_sum, RunningMean)
         return noised_total(round_sum.sum_over(reference), clip_norm=self.clip,

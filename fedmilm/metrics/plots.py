@@ -44,20 +44,29 @@ def plot_losses(records: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_clients(record: dict, path: Path) -> Path:
+BARS_UP_TO = 40  # phones; more are drawn as sorted curves, which stay readable at 1,000
+
+
+def plot_clients(phones: list[dict], server_round: int, path: Path) -> Path:
     """Per phone after the last evaluated round: global vs personal held-out loss."""
-    clients = sorted(record["per_client"], key=lambda c: c["loss_global"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(clients)), 4))
-    xs = range(len(clients))
-    ax.bar([x - 0.2 for x in xs], [c["loss_global"] for c in clients], width=0.4,
-           label="base + global")
+    clients = sorted(phones, key=lambda c: c["loss_global"])
     personal = [c["loss_personal"] for c in clients]
-    if any(p is not None for p in personal):
-        ax.bar([x + 0.2 for x in xs], _nan(personal),
-               width=0.4, label="base + global + personal")
-    ax.set_xticks(list(xs), [str(i) for i in xs])
+    has_personal = any(p is not None for p in personal)
+    xs = range(len(clients))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * min(len(clients), BARS_UP_TO)), 4))
+    if len(clients) <= BARS_UP_TO:
+        ax.bar([x - 0.2 for x in xs], [c["loss_global"] for c in clients], width=0.4,
+               label="base + global")
+        if has_personal:
+            ax.bar([x + 0.2 for x in xs], _nan(personal),
+                   width=0.4, label="base + global + personal")
+        ax.set_xticks(list(xs), [str(i) for i in xs])
+    else:
+        ax.plot(xs, [c["loss_global"] for c in clients], label="base + global")
+        if has_personal:
+            ax.plot(xs, _nan(personal), ".", markersize=2, label="base + global + personal")
     ax.set(xlabel="phone (sorted by global loss)", ylabel="held-out loss",
-           title=f"Per-phone held-out loss after round {record['round']}")
+           title=f"Per-phone held-out loss after round {server_round} ({len(clients)} phones)")
     ax.legend()
     return _save(fig, path)
 

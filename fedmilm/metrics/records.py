@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import fmean
 
@@ -53,7 +53,8 @@ class RoundRecord:
     ledger_decreases: int | None = None  # phones whose ledger count went back (a reset budget)
     interrupted: bool = False      # the server died after this round was accounted and
                                    # checkpointed, before it was evaluated and recorded
-    per_client: list[ClientEval] = field(default_factory=list)
+    evaluated: int | None = None   # phones whose held-out losses were averaged (each one's
+                                   # row is in per_phone.jsonl.gz)
 
 
 DIAGNOSTICS_LABEL = ("simulator: per-phone values the virtual phones left on disk, outside the "

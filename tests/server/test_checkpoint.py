@@ -14,7 +14,9 @@ from fedmilm.server.checkpoint import (
     CheckpointMismatch,
     ServerState,
     checkpoints,
+    latest_checkpoint,
     load_latest_intact,
+    round_of,
     save_checkpoint,
 )
 
@@ -31,6 +33,18 @@ def test_only_the_newest_rounds_are_kept(tmp_path):
     assert [p.name for p in checkpoints(tmp_path)] == [f"round_{r:04d}"
                                                       for r in range(6 - KEEP, 6)]
     assert not list(tmp_path.glob(".*tmp"))  # no temporary folder is left behind
+
+
+def test_pruning_orders_rounds_by_number_past_four_digits(tmp_path):
+    """round_10000 sorts before round_9999 as text: pruning by name would delete the newest."""
+    for r in (9998, 9999, 10000, 10001):
+        save_checkpoint(tmp_path, _state(r), fingerprint="f")
+    assert [round_of(p) for p in checkpoints(tmp_path)] == [10000, 10001]
+    assert latest_checkpoint(tmp_path).name == "round_10001"
+    (tmp_path / "round_notes").mkdir()  # a stray folder is neither pruned nor read
+    save_checkpoint(tmp_path, _state(10002), fingerprint="f")
+    assert [round_of(p) for p in checkpoints(tmp_path)] == [10001, 10002]
+    assert (tmp_path / "round_notes").is_dir()
 
 
 @pytest.mark.parametrize("damage", ["json", "tensor", "missing"])
