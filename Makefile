@@ -1,12 +1,17 @@
 # fedmilm: two commands on a fresh machine (see README "Quickstart").
 #   make simulate [ARGS="hydra overrides"]   install into .venv, run the default simulated federation
 #   make test                                install into .venv (with test tools), run the test suite
+#   make test-fast                           everything but whole federations (marker e2e), < 3 min
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedmilm-installed
 
-.PHONY: install simulate test benchmark
+.PHONY: install simulate test test-fast benchmark
+
+# Two workers: most of a federation test is waiting (process start, Ray, imports), so two of them
+# overlap well on two cores; each test starts its own private Ray and stops only that.
+WORKERS ?= 2
 
 install: $(STAMP)
 
@@ -24,7 +29,11 @@ simulate: install
 
 test: install
 	$(BIN)/ruff check fedmilm server clients tests benchmarks
-	$(BIN)/python -m pytest tests -p no:cacheprovider
+	$(BIN)/python -m pytest tests -p no:cacheprovider -n $(WORKERS) --dist loadfile
+
+test-fast: install
+	$(BIN)/ruff check fedmilm server clients tests benchmarks
+	$(BIN)/python -m pytest tests -p no:cacheprovider -m "not e2e" -n $(WORKERS) --dist loadfile
 
 benchmark: install
 	$(BIN)/python benchmarks/train_step.py

@@ -323,6 +323,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         cohort = [node_of[d] for d in cohort_devices]
         train = _train_secure if cfg.aggregation.secure else _train_plain
         outcome = train(grid, cohort, state, server_round, aggregator, cfg, wiring, deadline)
+        seconds_train = time.perf_counter() - started
         if outcome.step is None:
             log.warning("round %d skipped: %d valid replies < federation.min_replies=%d",
                         server_round, outcome.contributors, fed.min_replies)
@@ -340,7 +341,8 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         evals = _evaluate(grid, state, server_round, cfg, wiring, population, deadline)
         bytes_down = len(cohort) * ArrayRecord(state.global_state).count_bytes()
         record = round_record(server_round, cohort=cohort, outcome=outcome, evals=evals,
-                               bytes_down=bytes_down, started=started, aggregator=aggregator,
+                               bytes_down=bytes_down, started=started,
+                               seconds_train=seconds_train, aggregator=aggregator,
                                state=state, cfg=cfg, trained=trained)
         if trace is not None:
             record = replace(record, available=len(eligible))

@@ -32,6 +32,7 @@ from fedmilm.server.messages import TrainOutcome, Wiring
 
 def round_record(server_round: int, *, cohort: list[int], outcome: TrainOutcome,
                   evals: list[ClientEval], bytes_down: int, started: float,
+                  seconds_train: float,
                   aggregator: Aggregator, state: ServerState, cfg: FedMilmConfig,
                   trained: dict[int, dict] | None) -> RoundRecord:
     """The round's line. Under user-level DP, counts of who took part are not released (null);
@@ -65,7 +66,8 @@ def round_record(server_round: int, *, cohort: list[int], outcome: TrainOutcome,
         epsilon_sample_max=state.epsilon_sample_max,
         delta=cfg.privacy.delta if dp else None,
         accountant=cfg.privacy.accountant if dp else None,
-        evaluated=len(evals) or None, skipped=skipped, loss_by_rank=losses_by_rank(evals),
+        evaluated=len(evals) or None, seconds_train=seconds_train, skipped=skipped,
+        loss_by_rank=losses_by_rank(evals),
         seeded_noise=dp and cfg.privacy.seeded_noise,
         diagnostics=DIAGNOSTICS_LABEL if dp and trained is not None else None,
         ledger_decreases=outcome.ledger_decreases,

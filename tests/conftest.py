@@ -14,7 +14,18 @@ from fedmilm.runtime import quiet_offline_env
 quiet_offline_env()
 # A cache of the test session's own, so tests prove the conversion path instead of relying on
 # whatever an earlier run left in ~/.cache (the tokenizer conversion takes ~4 s once).
-os.environ.setdefault("FEDMILM_CACHE_DIR", tempfile.mkdtemp(prefix="fedmilm-test-cache-"))
+# Parallel workers (pytest-xdist) split the cores instead of each taking all of them (two
+# workers x two torch threads on two cores run slower than one thread each).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+# Parallel workers (pytest-xdist) share one cache per test run; conversion takes a file lock.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault("FEDMILM_CACHE_DIR",
+                      str(Path(tempfile.gettempdir()) / f"fedmilm-test-cache-{_RUN}") if _RUN
+                      else tempfile.mkdtemp(prefix="fedmilm-test-cache-"))
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

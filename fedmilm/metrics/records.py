@@ -55,6 +55,7 @@ class RoundRecord:
                                    # checkpointed, before it was evaluated and recorded
     evaluated: int | None = None   # phones whose held-out losses were averaged (each one's
                                    # row is in per_phone.jsonl.gz)
+    seconds_train: float | None = None  # the training phase alone (send to last reply)
 
 
 DIAGNOSTICS_LABEL = ("simulator: per-phone values the virtual phones left on disk, outside the "

@@ -41,10 +41,21 @@ def sample_plan(cfg: FedMilmConfig, n: int | None = None) -> tuple[float, int, i
     return dp_sample_rate(n, batch_size=batch), per_round, expected_rounds(cfg)
 
 
+MAX_NOISE_MULTIPLIER = 100.0  # beyond this the noise swamps any update: no useful run
+
+
 @lru_cache(maxsize=256)
 def _calibrated(target: float, *, delta: float, sample_rate: float, steps: int,
                 accountant: str) -> float:
-    """The noise multiplier meeting `target`; `ValueError` (one line) when none does."""
+    """The noise multiplier meeting `target`; `ValueError` (one line) when none up to
+    MAX_NOISE_MULTIPLIER does (checked first: Opacus's search would double sigma for
+    minutes towards an unreachable target)."""
+    ceiling = Accountant(accountant).epsilon_after(delta, noise_multiplier=MAX_NOISE_MULTIPLIER,
+                                                   sample_rate=sample_rate, num_steps=steps)
+    if ceiling > target:
+        raise ValueError(f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives epsilon "
+                         f"{ceiling:.3g} > {target:g} at delta {delta:g} over {steps} steps at "
+                         f"sampling rate {sample_rate:.3g}")
     try:
         return float(get_noise_multiplier(target_epsilon=target, target_delta=delta,
                                           sample_rate=sample_rate, steps=steps,

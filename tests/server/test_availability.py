@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from flwr.simulation import run_simulation
 
 from fedmilm.clients import app as phone_app
@@ -16,6 +17,7 @@ from fedmilm.privacy.policy import write_phone_policy
 from fedmilm.server.app import make_server_app
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
 ROOT = Path(__file__).resolve().parents[2]
 TRACE = """device,slot,idle,charging,unmetered,battery_percent,temperature_c
 0,0,1,1,1,80,30

@@ -26,6 +26,8 @@ from fedmilm.server.app import make_server_app
 from tests.conftest import tiny_config
 from tests.server import faulty_phones
 
+pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,6 +16,7 @@ from tests.conftest import tiny_config
 from tests.server import faulty_phones
 from tests.server.test_failures import _global, _rows, _run
 
+pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
 SECURE = ["personalization=none", "aggregation.secure=true", "aggregation.secagg_shares=3",
           "aggregation.secagg_threshold=2", "federation.num_clients=4",
           "federation.clients_per_round=4", "federation.min_replies=2", "train.lr=0.05",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fedmilm.cli.common import check_model, load_or_exit, prepare_run
 from tests.conftest import compose_config
@@ -57,6 +58,32 @@ def test_a_folder_named_like_a_user_file_is_refused(tmp_path, capsys):
     raw = compose_config(["model=tiny", "data=jsonl", f"data.path={tmp_path / 'data'}",
                           "federation.num_clients=2", "federation.clients_per_round=2"])
     assert "z.jsonl: not a file" in _one_line_exit(capsys, lambda: load_or_exit(raw))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("lora.r=-1", "lora.r=-1 is invalid"),
+    ("federation.clients_per_round=99", "federation.clients_per_round=99 exceeds"),
+    ("model=hf", "model.path"),
+    ("client.runtime=tflite", "client.runtime='tflite' is not allowed"),
+    ("train.device=tpu", "train.device='tpu' is not allowed"),
+    ("federation.gpus_per_client=1.5", "federation.gpus_per_client=1.5 must be a fraction"),
+    ("federation.max_in_flight=0", "federation.max_in_flight=0 is invalid"),
+])
+def test_an_invalid_value_is_one_line_naming_its_key(capsys, override, needle):
+    raw = compose_config(["model=tiny", override])
+    assert needle in _one_line_exit(capsys, lambda: load_or_exit(raw))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_on_a_machine_without_one_stops_at_start(capsys):
+    raw = compose_config(["model=tiny", "train.device=cuda"])
+    line = _one_line_exit(capsys, lambda: load_or_exit(raw))
+    assert line.startswith("fedmilm: config error: train.device=cuda but this machine has no")
+
+
+def test_auto_is_resolved_before_phones_see_the_config():
+    cfg = load_or_exit(compose_config(["model=tiny"]))
+    assert cfg.train.device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_a_bad_interpolation_is_one_config_line(capsys):

@@ -26,6 +26,8 @@ from fedmilm.privacy.user_level import l2_norm
 from fedmilm.server.app import make_server_app
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
+
 LOG_DIR_ENV = "FEDMILM_TEST_OUTGOING_DIR"
 
 

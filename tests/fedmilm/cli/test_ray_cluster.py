@@ -17,6 +17,8 @@ from fedmilm.deploy.processes import free_port, kill_strays
 from fedmilm.runtime import OFFLINE_ENV
 from tests.fedmilm.cli.test_simulate import SMALL, _simulate
 
+pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
+
 RAY = str(Path(sys.executable).with_name("ray"))
 NODE = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
         "--object-store-memory", str(200 * 1024 * 1024)]

@@ -23,6 +23,8 @@ from fedmilm.deploy.local import LocalFederation, cli_config, node_config, remot
 from fedmilm.deploy.processes import kill_strays, log_tail
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
+
 SMALL = ["federation.num_clients=2", "federation.clients_per_round=2", "federation.rounds=2",
          "federation.round_timeout_s=180", "train.lr=0.02"]
 DEPLOY = [sys.executable, "-c", "from fedmilm.cli.deploy import main; main()"]
