@@ -61,6 +61,7 @@ log = logging.getLogger("fedmilm.server")
 CHECKPOINTS = "checkpoints"
 DIAGNOSTICS = "diagnostics"  # simulation: per-phone results virtual phones leave under DP
 NODE_WAIT_S = 120.0  # how long to wait for the simulated/deployed phones to register
+QUERY_WINDOW = 256  # identity queries out at once: they cost a phone milliseconds, not seconds
 
 
 def wait_for_nodes(grid: Grid, *, wanted: int, needed: int) -> list[int]:
@@ -182,10 +183,14 @@ def _train_secure(grid: Grid, cohort: list[int], state: ServerState, server_roun
 
 
 def discover_devices(grid: Grid, nodes: list[int], timeout: float,
-                     identities: dict[int, int] | None = None) -> dict[int, int]:
+                     identities: dict[int, int] | None = None,
+                     window: int | None = None) -> dict[int, int]:
     """node id -> device id for every node that answers the identity query in time; with
-    `identities` (authenticated deployment) only the id bound to each node's key counts."""
-    replies = list(grid.send_and_receive(query_messages(nodes), timeout=timeout))
+    `identities` (authenticated deployment) only the id bound to each node's key counts.
+    `window`: queries out at once (Flower's in-memory link state scans every stored message
+    for each node it serves: 10,000 queries at once would cost 10,000^2 steps)."""
+    replies = list(stream_replies(grid, query_messages(nodes),
+                                  deadline=time.monotonic() + timeout, window=window))
     devices = collect_device_ids(replies, identities)
     if not devices:
         raise RuntimeError("no phone announced a device id; is the ClientApp fedmilm's?")
@@ -297,7 +302,9 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
     state = _start_state(cfg, space, aggregator, run_dir, fingerprint)
     devices = discover_devices(grid, wait_for_nodes(grid, wanted=fed.num_clients,
                                                     needed=fed.clients_per_round),
-                               timeout=fed.round_timeout_s, identities=identities)
+                               timeout=fed.round_timeout_s, identities=identities,
+                               window=None if fed.max_in_flight is None
+                               else max(fed.max_in_flight, QUERY_WINDOW))
     wiring = Wiring(config_text, devices, diagnostics)
     node_of = {device: node for node, device in devices.items()}
     trace, policy = availability_for(cfg), policy_of(cfg.device)

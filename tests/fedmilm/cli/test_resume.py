@@ -92,22 +92,34 @@ class _CrashAtFirstRelease:
     def __getattr__(self, name: str):  # noqa: ANN204 - everything else is the real Grid
         return getattr(self.grid, name)
 
-    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        messages = list(messages)
         if messages and messages[0].metadata.message_type == "evaluate":
             self.released.append(messages[0].content.array_records["global"]
                                  .to_torch_state_dict())
             raise SystemExit("killed in the release window")
-        return self.grid.send_and_receive(messages, timeout=timeout)
+        return self.grid.push_messages(messages)
 
 
 class _Recording(_CrashAtFirstRelease):
-    """A Grid that notes the global part of every train message (nothing crashes)."""
+    """A Grid that notes the global part sent for training, once per round (nothing
+    crashes)."""
 
-    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201
-        if messages and messages[0].metadata.message_type == "train":
-            self.released.append(messages[0].content.array_records["global"]
-                                 .to_torch_state_dict())
-        return self.grid.send_and_receive(messages, timeout=timeout)
+    def __init__(self, grid, released: list) -> None:
+        super().__init__(grid, released)
+        self.rounds: set[int] = set()
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        messages = list(messages)
+        for message in messages:
+            if message.metadata.message_type != "train":
+                continue
+            server_round = message.content.config_records["config"]["server-round"]
+            if server_round not in self.rounds:
+                self.rounds.add(server_round)
+                self.released.append(message.content.array_records["global"]
+                                     .to_torch_state_dict())
+        return self.grid.push_messages(messages)
 
 
 def _serve(cfg, run_dir: Path, grid_type, released: list) -> None:

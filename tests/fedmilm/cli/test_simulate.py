@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedmilm.adapters import build_adapter_space
+from fedmilm.metrics.per_phone import PER_PHONE_FILE, read_per_phone
 from fedmilm.model import load_base_model
 from tests.conftest import tiny_config
 
@@ -46,8 +47,11 @@ def test_metrics_have_every_round_and_key(dual_run):
     for row in rows:
         assert REQUIRED <= set(row)
         assert row["clients"] == 2 and row["rejected"] == 0
-        assert row["bytes_up"] > 0 and len(row["per_client"]) == 4  # every phone evaluated
+        assert row["bytes_up"] > 0 and row["evaluated"] == 4  # every phone evaluated
         assert row["epsilon_user"] is None and row["epsilon_sample_max"] is None
+    per_phone = read_per_phone(dual_run / PER_PHONE_FILE)
+    assert sorted(per_phone) == [1, 2]
+    assert sorted(p["device"] for p in per_phone[2]) == [0, 1, 2, 3]
     last = rows[-1]
     assert last["loss_global"] < last["loss_base"]  # the federation learned something
 
@@ -204,7 +208,8 @@ def test_mixed_rank_federation_reports_utility_per_tier(tmp_path):
     assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
     by_rank = rows[-1]["loss_by_rank"]
     assert set(by_rank) == {"4", "8"} and all(t["phones"] == 2 for t in by_rank.values())
-    assert {c["device"]: c["rank"] for c in rows[-1]["per_client"]} == {0: 4, 1: 8, 2: 4, 3: 8}
+    last = read_per_phone(run_dir / PER_PHONE_FILE)[2]
+    assert {c["device"]: c["rank"] for c in last} == {0: 4, 1: 8, 2: 4, 3: 8}
     assert rows[-1]["loss_global"] < rows[-1]["loss_base"]
     tensors = load_file(str(run_dir / "global_adapter" / "adapter_model.safetensors"))
     assert all(t.shape[0] == 8 for k, t in tensors.items() if "lora_A" in k)  # server keeps r=8

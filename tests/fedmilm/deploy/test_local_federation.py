@@ -156,7 +156,8 @@ def test_deployed_dp_run_writes_nothing_per_phone(tmp_path):
     finally:
         kill_strays(str(run_dir))
     [row] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert row["per_client"] == [] and row["diagnostics"] is None
+    assert row["evaluated"] is None and row["diagnostics"] is None
+    assert not (run_dir / "per_phone.jsonl.gz").exists()
     assert all(row[k] is None for k in ("clients", "rejected", "declined", "train_loss",
                                         "loss_base", "loss_global", "loss_personal",
                                         "epsilon_sample_max"))
