@@ -83,6 +83,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     first = rows[0]
     lines = [
+        f"## Fleet scale: {' '.join(overrides)}, {args.phones} phones",
+        "",
         f"Command: `python benchmarks/fleet_scale.py --phones {args.phones} --cohorts "
         f"{' '.join(map(str, args.cohorts))} --evaluate {args.evaluate} --name {args.name} "
         f"{' '.join(overrides)}`",

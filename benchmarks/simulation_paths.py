@@ -1,13 +1,16 @@
 """Flower's two ways to run a simulation, side by side in one run, on the same small apps:
 
-  run_simulation - `flwr.simulation.run_simulation` in this process (what fedmilm-simulate uses;
-                   deprecated in Flower 1.42);
+  run_simulation - `flwr.simulation.run_simulation` in a fresh process, with fedmilm's fix to
+                   Flower's message dispatch installed, as fedmilm-simulate runs it
+                   (deprecated in Flower 1.42);
   flwr run       - what Flower 1.42 recommends: `flower-superlink --simulation` (started here, on
                    a private port) and `flwr run APP CONNECTION --federation-config ...`.
 
 The apps send an adapter-sized float32 array (1.87 MB: the default model's global part) to a
 sampled cohort each round and get it back; no training, so what is measured is Flower's
-own cost per round and at start-up. Medians over --repeats. Writes BENCHMARKS.md.
+own cost per round and at start-up. `flwr run` starts the simulation in Flower's own
+`flwr-simulation` process, where fedmilm cannot install its dispatch fix (nor its private Ray
+settings). Medians over --repeats. Writes BENCHMARKS.md (section per --nodes).
 
     python benchmarks/simulation_paths.py [--nodes 20] [--cohort 5] [--rounds 5] [--repeats 3]
 """
@@ -107,6 +110,8 @@ def in_process(app_dir: Path, nodes: int, cohort: int, rounds: int, out: Path) -
     code = (f"import sys; sys.path.insert(0, {str(app_dir)!r})\n"
             "from flwr.serverapp import ServerApp\n"
             "from flwr.simulation import run_simulation\n"
+            "from fedmilm.cli import flower_engine\n"
+            "flower_engine.install()\n"
             "import toyapp\n"
             "server = ServerApp()\n"
             "@server.main()\n"
@@ -184,6 +189,8 @@ def main() -> None:
             print(json.dumps(results), flush=True)
     a, b = results["run_simulation"], results["flwr run"]
     lines = [
+        f"## Flower's two simulation paths, {args.nodes} nodes: `run_simulation` vs `flwr run`",
+        "",
         f"Command: `python benchmarks/simulation_paths.py --nodes {args.nodes} --cohort "
         f"{args.cohort} --rounds {args.rounds} --repeats {args.repeats}`",
         f"Machine: {machine()}. {args.nodes} virtual nodes, {args.cohort} per round, a "
@@ -197,7 +204,7 @@ def main() -> None:
         f"| `flower-superlink --simulation` + `flwr run` | {median(b['wall']):.1f} | "
         f"{median(b['round']):.2f} | {median(b['round']) / median(a['round']):.2f}x |",
     ]
-    write_section("simulation-paths", "\n".join(lines))
+    write_section(f"simulation-paths-{args.nodes}", "\n".join(lines))
 
 
 if __name__ == "__main__":
