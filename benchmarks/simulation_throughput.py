@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from fedmilm.runtime import quiet_offline_env
@@ -33,8 +34,10 @@ from _common import config, machine, median, write_section  # noqa: E402
 from fedmilm.adapters import AdapterSpace, build_adapter_space, cached_adapter_space  # noqa: E402
 from fedmilm.aggregation import apply_update, weighted_mean  # noqa: E402
 from fedmilm.config import FedMilmConfig  # noqa: E402
+from fedmilm.config.schema import ModelConfig  # noqa: E402
 from fedmilm.data import encode_all, load_user  # noqa: E402
 from fedmilm.training import evaluate_phone, train_phone  # noqa: E402
+from fedmilm.training.device import base_dtype, resolve_device  # noqa: E402
 
 
 def no_flower(cfg: FedMilmConfig, get_space: Callable[[], AdapterSpace]) -> int:
@@ -83,17 +86,26 @@ def no_flower(cfg: FedMilmConfig, get_space: Callable[[], AdapterSpace]) -> int:
     return updates
 
 
+def _on_device(cfg: FedMilmConfig) -> tuple[ModelConfig, str]:
+    """The model config and device a virtual phone uses (`train.device`; bf16 base on CUDA),
+    so the baselines run where the federation's phones run."""
+    device = resolve_device(cfg.train.device)
+    return replace(cfg.model, dtype=base_dtype(cfg.model.dtype, device)), device
+
+
 def run_ideal(cfg: FedMilmConfig) -> tuple[float, int]:
     started = time.perf_counter()
+    model, device = _on_device(cfg)
     updates = no_flower(cfg, lambda: cached_adapter_space(
-        cfg.model, cfg.lora, mode=cfg.personalization.mode, seed=cfg.seed))
+        model, cfg.lora, mode=cfg.personalization.mode, seed=cfg.seed, device=device))
     return time.perf_counter() - started, updates
 
 
 def run_reload(cfg: FedMilmConfig) -> tuple[float, int]:
     started = time.perf_counter()
+    model, device = _on_device(cfg)
     updates = no_flower(cfg, lambda: build_adapter_space(
-        cfg.model, cfg.lora, mode=cfg.personalization.mode, seed=cfg.seed))
+        model, cfg.lora, mode=cfg.personalization.mode, seed=cfg.seed, device=device))
     return time.perf_counter() - started, updates
 
 

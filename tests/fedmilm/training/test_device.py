@@ -39,7 +39,7 @@ def test_ray_gets_a_gpu_share_per_phone_only_on_cuda():
     assert phones_gpu_share("cuda", 0.0) == 1.0  # unset: one phone per GPU, never unaccounted
 
 
-def test_a_space_on_a_device_returns_cpu_float32_state(monkeypatch):
+def test_a_space_on_a_device_returns_cpu_float32_state():
     """What travels and what is stored is CPU float32 wherever the phone computed; batches
     follow the model to its device. (The CPU stands in for a GPU here: the same code path
     moves tensors; BENCHMARKS.md has the GPU runs when a GPU was available.)"""
