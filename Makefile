@@ -42,3 +42,7 @@ benchmark: install
 	$(BIN)/python benchmarks/simulation_throughput.py $(ARGS)
 	$(BIN)/python benchmarks/memory_budget.py
 	$(BIN)/python benchmarks/executorch_step.py model.dtype=float32
+	$(BIN)/python benchmarks/simulation_paths.py
+	$(BIN)/python benchmarks/simulation_paths.py --nodes 2000 --cohort 100 --rounds 3
+	$(BIN)/python benchmarks/fleet_scale.py --name fleet-tiny model=tiny
+	$(BIN)/python benchmarks/fleet_scale.py --cohorts 100 --name fleet-smollm2 model=smollm2-135m
