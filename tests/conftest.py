@@ -30,6 +30,15 @@ os.environ.setdefault("FEDMILM_CACHE_DIR",
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+def private_ray(cpus_per_client: int = 2) -> dict:
+    """Flower backend config for an in-process simulation on a Ray of the test's own
+    (`address=local`): with parallel test workers, a plain `ray.init()` would join whichever
+    Ray another worker started last, and lose it when that test ends."""
+    return {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+            "init_args": {"address": "local", "_node_ip_address": "127.0.0.1", "num_cpus": 2,
+                          "include_dashboard": False}}
+
+
 def compose_config(overrides: list[str]):
     """The raw composed config, as `fedmilm-simulate` would see it."""
     with initialize_config_dir(config_dir=str(CONF), version_base=None):

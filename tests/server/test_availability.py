@@ -15,7 +15,7 @@ from fedmilm.clients.storage import PERSONAL_FILE
 from fedmilm.config import to_yaml
 from fedmilm.privacy.policy import write_phone_policy
 from fedmilm.server.app import make_server_app
-from tests.conftest import tiny_config
+from tests.conftest import private_ray, tiny_config
 
 pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +44,7 @@ def test_only_available_phones_are_sampled(tmp_path, monkeypatch):
                    client_app=phone_app.make_client_app(str(run_dir / "devices"),
                                                         str(run_dir / "diagnostics")),
                    num_supernodes=4,
-                   backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+                   backend_config=private_ray())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["available"], r["sampled"], r["clients"]) for r in rows] == [(2, 2, 2), (1, 1, 1)]
     trained = {d for d in range(4) if (run_dir / "devices" / str(d) / PERSONAL_FILE).exists()}

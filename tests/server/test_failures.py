@@ -23,7 +23,7 @@ from fedmilm.privacy.accountant import Accountant
 from fedmilm.privacy.calibrate import resolve_privacy
 from fedmilm.privacy.policy import write_phone_policy
 from fedmilm.server.app import make_server_app
-from tests.conftest import tiny_config
+from tests.conftest import private_ray, tiny_config
 from tests.server import faulty_phones
 
 pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
@@ -42,8 +42,7 @@ def _run(cfg, run_dir: Path, faults: dict[int, str], honest_dir: Path, monkeypat
                    client_app=faulty_phones.app(str(run_dir / "devices"),
                                                 str(run_dir / "diagnostics")),
                    num_supernodes=cfg.federation.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+                   backend_config=private_ray(1))
 
 
 def _federate(cfg, tmp_path: Path, faults: dict[int, str], monkeypatch, caplog) -> Path:

@@ -24,7 +24,7 @@ from fedmilm.privacy.calibrate import resolve_privacy
 from fedmilm.privacy.policy import write_phone_policy
 from fedmilm.privacy.user_level import l2_norm
 from fedmilm.server.app import make_server_app
-from tests.conftest import tiny_config
+from tests.conftest import private_ray, tiny_config
 
 pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
 
@@ -70,8 +70,7 @@ def test_no_personal_tensor_or_text_leaves_a_phone(tmp_path, monkeypatch, mode, 
                                                         str(tmp_path / "run" / "diagnostics"),
                                                         mods=(_recorder,)),
                    num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+                   backend_config=private_ray())
     entries = [json.loads(p.read_text()) for p in logs.iterdir()]
     space = build_adapter_space(cfg.model, cfg.lora, mode=mode, seed=cfg.seed)
     trains = [e for e in entries if e["type"] == "train"]

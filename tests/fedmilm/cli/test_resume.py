@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import private_ray
 from tests.fedmilm.cli.test_simulate import SIMULATE, _simulate
 
 pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
@@ -139,8 +140,7 @@ def _serve(cfg, run_dir: Path, grid_type, released: list) -> None:
     write_phone_policy(cfg.privacy, run_dir / "devices")
     run_simulation(server_app=server, num_supernodes=cfg.federation.num_clients,
                    client_app=make_client_app(str(run_dir / "devices"), str(run_dir / "diag")),
-                   backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+                   backend_config=private_ray())
 
 
 def test_a_crash_in_the_release_window_resends_the_accounted_aggregate(tmp_path):
