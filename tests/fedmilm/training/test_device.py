@@ -62,3 +62,16 @@ def test_a_phone_trains_on_cuda():
     loss = per_example_loss(space.model, batch)  # a CPU batch: moved to the model's GPU
     assert loss.device.type == "cuda"
     assert all(v.device.type == "cpu" for v in space.state(space.global_keys).values())
+
+
+def test_the_simulation_asks_ray_for_the_gpu_share_and_sizes_its_window():
+    from fedmilm.cli.simulate import backend_config, with_in_flight
+
+    gpu = tiny_config("train.device=cuda", "federation.gpus_per_client=0.25")
+    assert backend_config(gpu)["client_resources"]["num_gpus"] == 0.25
+    cpu = tiny_config("train.device=cpu", "federation.gpus_per_client=0.25")
+    assert backend_config(cpu)["client_resources"]["num_gpus"] == 0.0
+    sized = with_in_flight(tiny_config("federation.total_cpus=8", "federation.cpus_per_client=2"))
+    assert sized.federation.max_in_flight == 16  # 4 per worker, 4 workers
+    chosen = tiny_config("federation.max_in_flight=3")
+    assert with_in_flight(chosen).federation.max_in_flight == 3
