@@ -49,7 +49,7 @@ LARGEST_ORDER = "Optimal order is the largest alpha"
 
 
 @lru_cache(maxsize=256)
-def _calibrated(target: float, *, delta: float, sample_rate: float, steps: int,
+def calibrated_noise(target: float, *, delta: float, sample_rate: float, steps: int,
                 accountant: str) -> float:
     """The noise multiplier meeting `target`; `ValueError` (one line) when none up to
     MAX_NOISE_MULTIPLIER does (checked first: Opacus's search would double sigma for
@@ -83,7 +83,7 @@ def phone_sample_noise(cfg: FedMilmConfig, *, n: int, target: float | None) -> f
     if target is None:
         raise ValueError("privacy.sample.noise_multiplier is null and no target epsilon is set")
     q, steps, rounds = sample_plan(cfg, n)
-    return _calibrated(target, delta=cfg.privacy.delta, sample_rate=q, steps=steps * rounds,
+    return calibrated_noise(target, delta=cfg.privacy.delta, sample_rate=q, steps=steps * rounds,
                        accountant=cfg.privacy.accountant)
 
 
@@ -132,7 +132,7 @@ def resolve_privacy(cfg: FedMilmConfig, user_sizes: list[int] | None = None) -> 
         _check_delta(problems, priv.delta, cfg.federation.num_clients, "phones")
         if user.noise_multiplier is None:
             try:
-                user = dataclasses.replace(user, noise_multiplier=_calibrated(
+                user = dataclasses.replace(user, noise_multiplier=calibrated_noise(
                     user.target_epsilon, delta=priv.delta, sample_rate=q,
                     steps=cfg.federation.rounds, accountant=priv.accountant))
             except ValueError as err:

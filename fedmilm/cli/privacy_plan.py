@@ -1,0 +1,94 @@
+"""`fedmilm-privacy-plan`: what user-level DP will cost a run's adapter, before it runs.
+
+    fedmilm-privacy-plan privacy=user privacy.user.target_epsilon=8 \
+        federation.num_clients=10000 federation.clients_per_round=1000
+
+Prints the noise multiplier the accountant needs for the target (or the epsilon a fixed one
+gives), the noise std per coordinate relative to the clip norm, the noise-to-signal norm
+ratio of a round's step, and the smallest cohort at which that ratio stays at or below 1.
+Mechanism: DP-FedAvg with Poisson sampling (`privacy.user.mechanism=poisson`, today's only one).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fedmilm.runtime import quiet_offline_env
+
+quiet_offline_env()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fedmilm.cli.common import CONFIG_DIR, load_or_exit  # noqa: E402
+from fedmilm.config import FedMilmConfig  # noqa: E402
+from fedmilm.privacy.plan import (  # noqa: E402
+    UserLevelPlan,
+    plan_user_level,
+    smallest_useful_cohort,
+)
+
+
+def global_coordinates(cfg: FedMilmConfig) -> int:
+    """Numbers in the global part of the run's adapter (what the noise is added to)."""
+    from fedmilm.adapters import cached_adapter_space
+
+    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                 seed=cfg.seed)
+    return sum(space.initial[k].numel() for k in space.global_keys)
+
+
+def report(plan: UserLevelPlan, *, clip: float, accountant: str, target: float | None,
+           useful: int | None | str) -> list[str]:
+    """The planner's lines (pure, so tests read exactly what users read)."""
+    swamped = plan.noise_to_signal > 1
+    lines = [
+        f"user-level DP-FedAvg, Poisson sampling, accountant {accountant}",
+        f"population {plan.population}, expected cohort {plan.cohort} "
+        f"(q = {plan.sample_rate:.4g}), {plan.rounds} rounds, delta {plan.delta:g}",
+        f"noise multiplier {plan.noise_multiplier:.4g} -> epsilon {plan.epsilon:.3g} after "
+        f"{plan.rounds} rounds" + ("" if target is None
+                                   else f" (privacy.user.target_epsilon = {target:g})"),
+        f"global adapter part: {plan.coordinates:,} coordinates, clip norm C = {clip:g}",
+        f"noise std per coordinate of the released mean: {plan.noise_std_over_clip:.3g} x C",
+        f"noise-to-signal norm ratio of a round's step: >= {plan.noise_to_signal:.3g}"
+        + (" (the noise swamps the signal)" if swamped else ""),
+    ]
+    if isinstance(useful, str):
+        lines.append(useful)
+    elif useful is None:
+        lines.append(f"no cohort up to the whole population ({plan.population}) keeps the ratio "
+                     "<= 1 at this epsilon: more phones, fewer rounds or a larger epsilon")
+    else:
+        lines.append(f"smallest expected cohort with ratio <= 1 at this epsilon: {useful}")
+    return lines
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
+def _main(raw: DictConfig) -> None:
+    cfg = load_or_exit(raw)
+    user, fed = cfg.privacy.user, cfg.federation
+    if user.noise_multiplier is None and user.target_epsilon is None:
+        print("fedmilm: config error: set privacy.user.target_epsilon or "
+              "privacy.user.noise_multiplier", file=sys.stderr)
+        sys.exit(2)
+    plan = plan_user_level(population=fed.num_clients, cohort=fed.clients_per_round,
+                           rounds=fed.rounds, delta=cfg.privacy.delta,
+                           coordinates=global_coordinates(cfg),
+                           accountant=cfg.privacy.accountant,
+                           target_epsilon=user.target_epsilon,
+                           noise_multiplier=user.noise_multiplier)
+    useful: int | None | str
+    if plan.noise_to_signal <= 1:
+        useful = "the noise does not swamp the signal at this cohort"
+    else:
+        useful = smallest_useful_cohort(plan, target_epsilon=plan.epsilon,
+                                        accountant=cfg.privacy.accountant)
+    for line in report(plan, clip=user.clip_norm, accountant=cfg.privacy.accountant,
+                       target=user.target_epsilon, useful=useful):
+        print(line)
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(_main())

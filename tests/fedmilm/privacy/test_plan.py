@@ -1,0 +1,64 @@
+"""`fedmilm-privacy-plan`: its epsilon against Google's dp-accounting, its noise arithmetic
+against the mechanism's definition, and the cohort it names against its own criterion."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import rdp
+
+from fedmilm.cli.privacy_plan import report
+from fedmilm.privacy.plan import plan_user_level, smallest_useful_cohort
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _independent_epsilon(q: float, sigma: float, rounds: int, delta: float) -> float:
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), rounds)
+    accountant = rdp.RdpAccountant()
+    accountant.compose(event)
+    return accountant.get_epsilon(delta)
+
+
+def test_the_calibrated_noise_meets_the_target_by_an_independent_accountant():
+    plan = plan_user_level(population=10_000, cohort=500, rounds=50, delta=1e-6,
+                           coordinates=100_000, accountant="rdp", target_epsilon=4.0)
+    reference = _independent_epsilon(0.05, plan.noise_multiplier, 50, 1e-6)
+    assert plan.epsilon <= 4.0 and reference == pytest.approx(plan.epsilon, rel=0.02)
+    assert reference > 3.9  # calibrated to the target, not far below it
+
+
+def test_the_noise_numbers_follow_the_mechanism():
+    plan = plan_user_level(population=1000, cohort=100, rounds=10, delta=1e-5,
+                           coordinates=40_000, accountant="rdp", noise_multiplier=2.0)
+    assert plan.noise_std_over_clip == pytest.approx(2.0 / 100)  # sigma C / m, over C
+    assert plan.noise_to_signal == pytest.approx(2.0 * math.sqrt(40_000) / 100)  # = 4
+    assert plan.epsilon == pytest.approx(_independent_epsilon(0.1, 2.0, 10, 1e-5), rel=0.02)
+
+
+def test_the_named_cohort_is_the_smallest_that_is_not_swamped():
+    """At the named cohort the noise that keeps the ratio at 1 still meets the target, one
+    phone fewer it does not: checked with the independent accountant."""
+    population, d = 5000, 100_000
+    plan = plan_user_level(population=population, cohort=10, rounds=5, delta=1e-5,
+                           coordinates=d, accountant="rdp", target_epsilon=8.0)
+    assert plan.noise_to_signal > 1
+    cohort = smallest_useful_cohort(plan, target_epsilon=8.0, accountant="rdp")
+    assert cohort is not None and 10 < cohort <= population
+
+    def epsilon_at_ratio_one(m: int) -> float:
+        return _independent_epsilon(m / population, m / math.sqrt(d), 5, 1e-5)
+
+    assert epsilon_at_ratio_one(cohort) <= 8.0 * 1.02
+    assert epsilon_at_ratio_one(cohort - 1) > 8.0 * 0.98
+
+
+def test_when_no_cohort_helps_it_says_so_in_one_line():
+    plan = plan_user_level(population=20, cohort=5, rounds=5, delta=1e-5,
+                           coordinates=1_000_000, accountant="rdp", target_epsilon=8.0)
+    assert smallest_useful_cohort(plan, target_epsilon=8.0, accountant="rdp") is None
+    lines = report(plan, clip=0.5, accountant="rdp", target=8.0, useful=None)
+    assert "swamps" in lines[-2] and lines[-1].startswith("no cohort up to the whole population")
