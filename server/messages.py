@@ -226,7 +226,6 @@ class TrainCollector:
         self.out = TrainReplies()
         self._bound = (None if norm_multiple is None
                        else StreamingNormBound(norm_multiple, RELATIVE_BOUND_MIN_UPDATES))
-        self._node_of = {device: node for node, device in devices.items()}
 
     def take(self, reply: Message) -> None:
         """Sort one reply (the caller may drop it afterwards)."""
@@ -273,7 +272,8 @@ class TrainCollector:
         assert isinstance(update, ClientUpdate) and self._bound is not None
         if bound is not None and norm > bound:
             multiple = self._bound.multiple
-            _reject(self._node_of.get(update.device, -1), self.devices,
+            node = next((n for n, d in self.devices.items() if d == update.device), -1)
+            _reject(node, self.devices,
                     f"update norm {norm:.3g} exceeds federation.norm_bound_multiple="
                     f"{multiple:g} x the round's median so far {bound / multiple:.3g}",
                     self.quiet)
