@@ -87,6 +87,14 @@ def _warn_risky(cfg: FedMilmConfig) -> None:
     elif cfg.privacy.seeded_noise:
         log.warning("privacy.seeded_noise=true: DP randomness is reproducible from the seed, so "
                     "anyone with the config can replay it: no guarantee holds; tests only")
+    if (cfg.privacy.user_level and cfg.privacy.user.mechanism == "poisson"
+            and cfg.device.availability != "always"):
+        log.warning("privacy.user.mechanism=poisson assumes every phone is sampled "
+                    "independently with probability clients_per_round / num_clients each round; "
+                    "with device.availability=%s availability also decides who trains, which "
+                    "that epsilon does not cover. privacy.user.mechanism=ftrl assumes no "
+                    "sampling (only a minimum separation between a phone's rounds)",
+                    cfg.device.availability)
 
 
 def _left(deadline: float) -> float:
@@ -326,7 +334,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         # ---- train: sample, send the global part, collect and validate updates
         eligible = population if trace is None else trace.available(
             population, server_round, policy, cfg.device.slots_per_round)
-        cohort_devices = aggregator.cohort(eligible, state.sampler)
+        cohort_devices = aggregator.cohort(eligible, state.sampler, server_round)
         cohort = [node_of[d] for d in cohort_devices]
         train = _train_secure if cfg.aggregation.secure else _train_plain
         outcome = train(grid, cohort, state, server_round, aggregator, cfg, wiring, deadline)

@@ -1,28 +1,20 @@
 """How the server picks each round's cohort and turns accepted updates into a global step.
 
-Two implementations behind one small interface, chosen by the privacy mode:
-`FedAvg` (uniform cohort without replacement, example-weighted mean) and `DpFedAvg`
-(Poisson cohort, clipped updates, noised fixed-denominator mean, accounted every round).
+Implementations behind one small interface, chosen by the privacy settings: `FedAvg` (uniform
+cohort without replacement, example-weighted mean, here) and, under user-level DP,
+`DpFedAvg` (Poisson cohort, `dp_fedavg.py`) or `DpFtrl` (tree aggregation under a minimum
+separation between a phone's rounds, `dp_ftrl.py`).
 """
 
 from __future__ import annotations
 
-import base64
 import random
 from typing import Any, Protocol
-
-import torch
 
 from fedmilm.adapters.space import State
 from fedmilm.aggregation.robust import robust_mean
 from fedmilm.aggregation.streaming import BufferedUpdates, RoundSum, RunningMean
 from fedmilm.config.schema import FedMilmConfig
-from fedmilm.privacy.accountant import Accountant
-from fedmilm.privacy.calibrate import user_sample_rate
-from fedmilm.privacy.randomness import SeededRandom, private_random
-from fedmilm.privacy.user_level import noised_total
-
-CLIP_SLACK = 1e-3  # relative float32 slack allowed on a client's clipped norm
 
 
 class Aggregator(Protocol):
@@ -30,7 +22,9 @@ class Aggregator(Protocol):
 
     max_update_norm: float
 
-    def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]: ...
+    def cohort(self, nodes: list[int], sampler: random.Random, server_round: int) -> list[int]:
+        """This round's phones among the eligible `nodes`."""
+        ...
 
     def may_continue(self) -> bool: ...
 
@@ -79,7 +73,8 @@ class FedAvg:
         self.trim_fraction = cfg.aggregation.trim_fraction
         self.byzantine = cfg.aggregation.krum_byzantine
 
-    def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]:
+    def cohort(self, nodes: list[int], sampler: random.Random,
+               server_round: int = 0) -> list[int]:
         return sorted(sampler.sample(nodes, min(self.k, len(nodes))))
 
     def may_continue(self) -> bool:
@@ -122,100 +117,14 @@ class FedAvg:
             raise ValueError(f"checkpoint holds a {state.get('kind')!r} aggregator, not fedavg")
 
 
-class DpFedAvg:
-    """User-level DP-FedAvg: Poisson cohort with rate q = clients_per_round / num_clients,
-    equal weights, Gaussian noise on the sum, one accountant step per round.
-
-    The cohort and the noise come from a CSPRNG (`privacy.seeded_noise` aside): a cohort anyone
-    could recompute from the config would void the amplification by sampling. A round is never
-    skipped for too few replies: the fixed-denominator mean is private whatever number arrived,
-    while a skip decided on the exact count would release that count unnoised."""
-
-    def __init__(self, cfg: FedMilmConfig) -> None:
-        user, fed = cfg.privacy.user, cfg.federation
-        assert user.noise_multiplier is not None, "noise is calibrated before the run starts"
-        self.noise, self.clip = user.noise_multiplier, user.clip_norm
-        self.rate = user_sample_rate(cfg)
-        self.expected = fed.clients_per_round
-        self.target = user.target_epsilon
-        self.delta = cfg.privacy.delta
-        self.max_update_norm = self.clip * (1 + CLIP_SLACK)  # updates must arrive clipped
-        self.accountant = Accountant(cfg.privacy.accountant)
-        self.seeded = cfg.privacy.seeded_noise
-        self.random = private_random(cfg.seed if self.seeded else None)
-
-    def cohort(self, nodes: list[int], sampler: random.Random) -> list[int]:
-        """Each phone independently with probability q, from the private randomness (the
-        server's seeded `sampler` is not used: it is reproducible from the config)."""
-        draws = self.random.uniform(len(nodes)).tolist()
-        return [n for n, u in zip(nodes, draws, strict=True) if u < self.rate]
-
-    def may_continue(self) -> bool:
-        if self.target is None:
-            return True
-        ahead = self.accountant.epsilon_after(self.delta, noise_multiplier=self.noise,
-                                              sample_rate=self.rate, num_steps=1)
-        return ahead <= self.target
-
-    def start_round(self) -> RoundSum:
-        return RunningMean()
-
-    def weight_of(self, num_examples: int) -> float:
-        return 1.0  # equal weights: counts are private, and the analysis assumes them
-
-    def finish_round(self, round_sum: RoundSum, reference: State) -> State | None:
-        """Charge the accountant, then noise the sum of the clipped updates."""
-        self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate)
-        assert isinstance(round_sum, RunningMean)
-        return noised_total(round_sum.sum_over(reference), clip_norm=self.clip,
-                            noise_multiplier=self.noise, expected_clients=self.expected,
-                            random=self.random)
-
-    def aggregate_secure(self, mean: State | None, count: int,
-                         reference: State) -> State | None:
-        """SecAgg+ gives the mean of `count` updates (none when it failed: a noise-only
-        release, like an empty cohort)."""
-        self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate)
-        total = ({k: torch.zeros_like(v, dtype=torch.float32) for k, v in reference.items()}
-                 if mean is None else {k: v * count for k, v in mean.items()})
-        return noised_total(total, clip_norm=self.clip, noise_multiplier=self.noise,
-                            expected_clients=self.expected, random=self.random)
-
-    def epsilon(self) -> float | None:
-        return self.accountant.epsilon(self.delta)
-
-    def charge_lost_rounds(self, rounds: int) -> None:
-        """A resume that fell back past damaged checkpoints re-runs their rounds: the lost
-        rounds may have released an aggregate, so they stay charged (over-counting is sound)."""
-        self.accountant.step(noise_multiplier=self.noise, sample_rate=self.rate,
-                             num_steps=rounds)
-
-    def accountant_state(self) -> dict | None:
-        """The full (sigma, q, steps) history: anyone can recompute epsilon from it."""
-        return {"delta": self.delta, **self.accountant.state_dict()}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Accountant history, and the noise generator only when it is seeded (tests): real
-        noise state never touches the disk, and a resumed run draws fresh OS entropy."""
-        state: dict[str, Any] = {"kind": "dp-fedavg", "accountant": self.accountant.state_dict()}
-        if isinstance(self.random, SeededRandom):
-            raw = self.random.generator.get_state().numpy().tobytes()
-            state["noise_generator"] = base64.b64encode(raw).decode("ascii")
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "dp-fedavg":
-            raise ValueError(f"checkpoint holds a {state.get('kind')!r} aggregator, not "
-                             "dp-fedavg: resume with the run's own config")
-        self.accountant.load_state_dict(state["accountant"])
-        if isinstance(self.random, SeededRandom) and "noise_generator" in state:
-            raw = base64.b64decode(state["noise_generator"])
-            self.random.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-
-
 def create_aggregator(cfg: FedMilmConfig) -> Aggregator:
-    """`DpFedAvg` when user-level DP is on, plain `FedAvg` otherwise."""
-    return DpFedAvg(cfg) if cfg.privacy.user_level else FedAvg(cfg)
+    """Under user-level DP the mechanism `privacy.user.mechanism` names, else plain `FedAvg`."""
+    if not cfg.privacy.user_level:
+        return FedAvg(cfg)
+    from fedmilm.aggregation.dp_fedavg import DpFedAvg
+    from fedmilm.aggregation.dp_ftrl import DpFtrl
+
+    return DpFtrl(cfg) if cfg.privacy.user.mechanism == "ftrl" else DpFedAvg(cfg)
 
 
 def aggregate_all(aggregator: Aggregator, updates: list[State], num_examples: list[int],

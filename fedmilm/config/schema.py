@@ -115,9 +115,13 @@ class SamplePrivacyConfig:
 class UserPrivacyConfig:
     """User-level DP on the aggregate (clip each phone's update, noise the sum)."""
 
+    mechanism: str = MISSING  # poisson (DP-FedAvg) | ftrl (DP-FTRL, tree aggregation)
     noise_multiplier: float | None = None   # None: calibrated from target_epsilon
     clip_norm: float = MISSING
     target_epsilon: float | None = None     # the server stops before exceeding it
+    min_separation: int | None = None       # ftrl: rounds between two of a phone's trainings
+    max_participations: int | None = None   # ftrl: trainings per phone over the run
+    allow_swamped: bool = MISSING           # run although noise swamps the signal
 
 
 @dataclass
@@ -176,6 +180,11 @@ class AggregationConfig:
     method: str = MISSING            # fedavg | trimmed_mean | median | krum
     trim_fraction: float = MISSING
     krum_byzantine: int = MISSING
+    server_optimizer: str = MISSING  # sgd | momentum | adam on the mean update
+    server_lr: float = MISSING
+    server_momentum: float = MISSING  # momentum coefficient; adam's beta1
+    server_beta2: float = MISSING
+    server_eps: float = MISSING
     secure: bool = MISSING           # SecAgg+ through Flower's legacy workflow
     secagg_shares: int = MISSING
     secagg_threshold: int = MISSING

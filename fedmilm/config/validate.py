@@ -13,6 +13,8 @@ PERSONALIZATION_MODES = ("none", "fedsa", "dual")
 LORA_VARIANTS = ("standard", "ffa")
 PRIVACY_MODES = ("none", "sample", "user", "both")
 ACCOUNTANT_NAMES = ("prv", "rdp")
+USER_MECHANISMS = ("poisson", "ftrl")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 DTYPES = ("float32", "bfloat16")
 AGGREGATION_METHODS = ("fedavg", "trimmed_mean", "median", "krum")
 AVAILABILITY = ("always", "synthetic", "trace")
@@ -200,6 +202,11 @@ def _check_privacy(cfg: FedMilmConfig, problems: list[str]) -> None:
         _check_noise(problems, "privacy.user", priv.user.noise_multiplier,
                      priv.user.target_epsilon)
         _positive(problems, "privacy.user.clip_norm", priv.user.clip_norm)
+        _choice(problems, "privacy.user.mechanism", priv.user.mechanism, USER_MECHANISMS)
+        for key in ("min_separation", "max_participations"):
+            value = getattr(priv.user, key)
+            if value is not None:
+                _positive(problems, f"privacy.user.{key}", value)
         if cfg.federation.clients_per_round < 2:
             problems.append("federation.clients_per_round must be >= 2 with user-level DP: one "
                             "phone's update would be released with noise only")
@@ -214,6 +221,12 @@ def _check_aggregation(cfg: FedMilmConfig, problems: list[str]) -> None:
     if agg.method != "fedavg" and agg.secure:
         problems.append(f"aggregation.method={agg.method} needs every update, but "
                         "aggregation.secure=true shows the server only their sum; pick one")
+    _choice(problems, "aggregation.server_optimizer", agg.server_optimizer, SERVER_OPTIMIZERS)
+    _positive(problems, "aggregation.server_lr", agg.server_lr)
+    if not 0 <= agg.server_momentum < 1 or not 0 <= agg.server_beta2 < 1:
+        problems.append(f"aggregation.server_momentum={agg.server_momentum} and "
+                        f"aggregation.server_beta2={agg.server_beta2} must be in [0, 1)")
+    _positive(problems, "aggregation.server_eps", agg.server_eps)
     if not 0 <= agg.trim_fraction < 0.5:
         problems.append(f"aggregation.trim_fraction={agg.trim_fraction} must be in [0, 0.5)")
     elif agg.method == "trimmed_mean" and int(agg.trim_fraction * k) < 1:

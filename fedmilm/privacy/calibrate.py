@@ -16,9 +16,10 @@ from functools import lru_cache
 
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedmilm.config.schema import FedMilmConfig
+from fedmilm.config.schema import FedMilmConfig, UserPrivacyConfig
 from fedmilm.config.validate import ConfigError
 from fedmilm.privacy.accountant import Accountant
+from fedmilm.privacy.tree import TreeAccountant, ftrl_noise_for
 from fedmilm.training.local import dp_sample_rate, planned_steps
 
 log = logging.getLogger("fedmilm")
@@ -104,6 +105,52 @@ def _one_round_epsilon(*, noise: float, sample_rate: float, steps: int, delta: f
                                                 sample_rate=sample_rate, num_steps=steps)
 
 
+def _resolve_poisson(cfg: FedMilmConfig, problems: list[str]) -> UserPrivacyConfig:
+    """DP-FedAvg: the noise for the target over `rounds` Poisson-sampled rounds."""
+    priv, user, q = cfg.privacy, cfg.privacy.user, user_sample_rate(cfg)
+    if user.noise_multiplier is None:
+        try:
+            user = dataclasses.replace(user, noise_multiplier=calibrated_noise(
+                user.target_epsilon, delta=priv.delta, sample_rate=q,
+                steps=cfg.federation.rounds, accountant=priv.accountant))
+        except ValueError as err:
+            raise ConfigError([f"privacy.user.target_epsilon: {err}"]) from err
+    first = _one_round_epsilon(noise=user.noise_multiplier, sample_rate=q, steps=1,
+                               delta=priv.delta, accountant=priv.accountant)
+    _check_first_round(problems, user, first)
+    return user
+
+
+def default_separation(cfg: FedMilmConfig) -> int:
+    """The longest separation that still leaves a full cohort every round: N // m."""
+    return max(1, cfg.federation.num_clients // cfg.federation.clients_per_round)
+
+
+def _resolve_ftrl(cfg: FedMilmConfig, problems: list[str]) -> UserPrivacyConfig:
+    """DP-FTRL: the separation (null: N // m) and the noise for the target in closed form."""
+    fed, user = cfg.federation, cfg.privacy.user
+    separation = user.min_separation or default_separation(cfg)
+    if separation > default_separation(cfg):
+        log.warning("privacy.user.min_separation=%d > num_clients // clients_per_round = %d: "
+                    "fewer than %d phones may train in some rounds", separation,
+                    default_separation(cfg), fed.clients_per_round)
+    user = dataclasses.replace(user, min_separation=separation)
+    if user.noise_multiplier is None:
+        user = dataclasses.replace(user, noise_multiplier=ftrl_noise_for(
+            user.target_epsilon, delta=cfg.privacy.delta, rounds=fed.rounds,
+            min_separation=separation, max_participations=user.max_participations))
+    first = TreeAccountant(user.noise_multiplier, separation, user.max_participations).epsilon(
+        cfg.privacy.delta, rounds=1)
+    _check_first_round(problems, user, first)
+    return user
+
+
+def _check_first_round(problems: list[str], user: UserPrivacyConfig, first: float) -> None:
+    if user.target_epsilon is not None and first > user.target_epsilon:
+        problems.append(f"privacy.user.target_epsilon={user.target_epsilon:g} is exceeded by "
+                        f"a single round (epsilon {first:.3g}); raise the noise or the target")
+
+
 def resolve_privacy(cfg: FedMilmConfig, user_sizes: list[int] | None = None) -> FedMilmConfig:
     """A copy with the user-level noise multiplier set (the server adds that noise); a null
     DP-SGD noise multiplier stays null: each phone calibrates its own from its real n.
@@ -128,20 +175,9 @@ def resolve_privacy(cfg: FedMilmConfig, user_sizes: list[int] | None = None) -> 
                             f"by one round of local training (epsilon {first:.3g}); raise the "
                             "noise or the target, or train fewer steps")
     if priv.user_level:
-        q = user_sample_rate(cfg)
         _check_delta(problems, priv.delta, cfg.federation.num_clients, "phones")
-        if user.noise_multiplier is None:
-            try:
-                user = dataclasses.replace(user, noise_multiplier=calibrated_noise(
-                    user.target_epsilon, delta=priv.delta, sample_rate=q,
-                    steps=cfg.federation.rounds, accountant=priv.accountant))
-            except ValueError as err:
-                raise ConfigError([f"privacy.user.target_epsilon: {err}"]) from err
-        first = _one_round_epsilon(noise=user.noise_multiplier, sample_rate=q, steps=1,
-                                   delta=priv.delta, accountant=priv.accountant)
-        if user.target_epsilon is not None and first > user.target_epsilon:
-            problems.append(f"privacy.user.target_epsilon={user.target_epsilon:g} is exceeded by "
-                            f"a single round (epsilon {first:.3g}); raise the noise or the target")
+        resolve = _resolve_ftrl if user.mechanism == "ftrl" else _resolve_poisson
+        user = resolve(cfg, problems)
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(cfg, privacy=dataclasses.replace(priv, user=user))

@@ -1,0 +1,113 @@
+"""What every user-level DP mechanism shares: clipped equal-weight updates, a fixed denominator,
+the accountant charged before each release, and private randomness that never reaches disk.
+
+A mechanism (`DpFedAvg`, `DpFtrl`) says who trains (`cohort`), how a round is charged
+(`charge`), how a round's sum of clipped updates becomes a released step (`release`), and what
+its accountant reports.
+"""
+
+from __future__ import annotations
+
+import base64
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from fedmilm.adapters.space import State
+from fedmilm.aggregation.streaming import RoundSum, RunningMean
+from fedmilm.config.schema import FedMilmConfig
+from fedmilm.privacy.randomness import SeededRandom, private_random
+
+CLIP_SLACK = 1e-3  # relative float32 slack allowed on a client's clipped norm
+
+
+class UserLevelDp(ABC):
+    """The shared skeleton; subclasses name their checkpoint `kind`.
+
+    A round is never skipped for too few replies: the fixed-denominator release is private
+    whatever number arrived, while a skip decided on the exact count would release that count
+    unnoised."""
+
+    kind: str
+
+    def __init__(self, cfg: FedMilmConfig) -> None:
+        user = cfg.privacy.user
+        assert user.noise_multiplier is not None, "noise is calibrated before the run starts"
+        self.noise, self.clip = user.noise_multiplier, user.clip_norm
+        self.expected = cfg.federation.clients_per_round
+        self.target, self.delta = user.target_epsilon, cfg.privacy.delta
+        self.max_update_norm = self.clip * (1 + CLIP_SLACK)  # updates must arrive clipped
+        self.random = private_random(cfg.seed if cfg.privacy.seeded_noise else None)
+
+    @abstractmethod
+    def charge(self, rounds: int) -> None:
+        """Account `rounds` rounds (always before what they release leaves)."""
+
+    @abstractmethod
+    def release(self, total: State) -> State:
+        """The global step from a round's sum of clipped updates: noised, over `expected`."""
+
+    @abstractmethod
+    def epsilon(self) -> float | None: ...
+
+    @abstractmethod
+    def epsilon_ahead(self) -> float:
+        """Epsilon if one more round ran (nothing is charged)."""
+
+    @abstractmethod
+    def accountant_state(self) -> dict | None:
+        """What anyone may recompute epsilon from (written beside the run's metrics)."""
+
+    @abstractmethod
+    def _own_state(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _load_own_state(self, state: dict[str, Any]) -> None: ...
+
+    def may_continue(self) -> bool:
+        return self.target is None or self.epsilon_ahead() <= self.target
+
+    def start_round(self) -> RoundSum:
+        return RunningMean()
+
+    def weight_of(self, num_examples: int) -> float:
+        return 1.0  # equal weights: counts are private, and the analysis assumes them
+
+    def finish_round(self, round_sum: RoundSum, reference: State) -> State | None:
+        """Charge the accountant, then release the noised sum of the clipped updates."""
+        self.charge(1)
+        assert isinstance(round_sum, RunningMean)
+        return self.release(round_sum.sum_over(reference))
+
+    def aggregate_secure(self, mean: State | None, count: int,
+                         reference: State) -> State | None:
+        """SecAgg+ gives the mean of `count` updates (none when it failed: a noise-only
+        release, like an empty cohort)."""
+        self.charge(1)
+        total = ({k: torch.zeros_like(v, dtype=torch.float32) for k, v in reference.items()}
+                 if mean is None else {k: v * count for k, v in mean.items()})
+        return self.release(total)
+
+    def charge_lost_rounds(self, rounds: int) -> None:
+        """A resume that fell back past damaged checkpoints re-runs their rounds: the lost
+        rounds may have released an aggregate, so they stay charged (over-counting is sound)."""
+        self.charge(rounds)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The mechanism's public state, and the noise generator only when it is seeded
+        (tests): real noise state never touches the disk, a resumed run draws fresh entropy."""
+        state: dict[str, Any] = {"kind": self.kind, **self._own_state()}
+        if isinstance(self.random, SeededRandom):
+            raw = self.random.generator.get_state().numpy().tobytes()
+            state["noise_generator"] = base64.b64encode(raw).decode("ascii")
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"checkpoint holds a {state.get('kind')!r} aggregator, not "
+                             f"{self.kind}: resume with the run's own config")
+        self._load_own_state(state)
+        if isinstance(self.random, SeededRandom) and "noise_generator" in state:
+            raw = base64.b64decode(state["noise_generator"])
+            self.random.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
