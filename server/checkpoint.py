@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ log = logging.getLogger("fedmilm.server")
 KEEP = 2
 FORMAT_VERSION = 2
 _PREFIX = "round_"
+OPTIMIZER_FILE = "server_optimizer.safetensors"
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ServerState:
     ledger_trainings: dict[int, int]   # sample-level DP (without user-level): device id -> the
                                        # ledger count it last reported (a decrease is flagged)
     epsilon_sample_max: float | None = None  # simulation diagnostics: largest phone epsilon
+    optimizer: State = field(default_factory=dict)  # the server optimizer's tensors (if any)
 
 
 def config_fingerprint(config_text: str) -> str:
@@ -74,6 +76,9 @@ def save_checkpoint(folder: Path, state: ServerState, *, fingerprint: str) -> Pa
     tmp.mkdir()
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.global_state.items()}
     save_file(tensors, str(tmp / "global.safetensors"))
+    if state.optimizer:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.optimizer.items()},
+                  str(tmp / OPTIMIZER_FILE))
     meta = {"version": FORMAT_VERSION, "round": state.round, "config": fingerprint,
             "sampler": _sampler_to_json(state.sampler), "aggregator": state.aggregator,
             "ledger_trainings": {str(k): v for k, v in state.ledger_trainings.items()},
@@ -142,4 +147,6 @@ def load_checkpoint(path: Path, *, fingerprint: str) -> ServerState:
                        aggregator=meta["aggregator"],
                        ledger_trainings={int(k): int(v)
                                          for k, v in meta["ledger_trainings"].items()},
-                       epsilon_sample_max=meta["epsilon_sample_max"])
+                       epsilon_sample_max=meta["epsilon_sample_max"],
+                       optimizer=load_file(str(path / OPTIMIZER_FILE))
+                       if (path / OPTIMIZER_FILE).exists() else {})

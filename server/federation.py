@@ -14,7 +14,8 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedmilm.adapters import AdapterSpace, State, cached_adapter_space
-from fedmilm.aggregation import Aggregator, apply_update, create_aggregator
+from fedmilm.aggregation import Aggregator, create_aggregator
+from fedmilm.aggregation.server_optimizer import server_optimizer_for
 from fedmilm.config import FedMilmConfig, to_yaml
 from fedmilm.devices import availability_for, policy_of
 from fedmilm.metrics import (
@@ -306,8 +307,9 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         log.info("phones train with micro-batch %d, gradient checkpointing %s (estimated peak "
                  "%.0f MiB)", plan.micro_batch, "on" if plan.checkpointing else "off",
                  plan.estimated_bytes / 2**20)
-    aggregator = create_aggregator(cfg)
+    aggregator, optimizer = create_aggregator(cfg), server_optimizer_for(cfg.aggregation)
     state = _start_state(cfg, space, aggregator, run_dir, fingerprint)
+    optimizer.load(state.optimizer)
     devices = discover_devices(grid, wait_for_nodes(grid, wanted=fed.num_clients,
                                                     needed=fed.clients_per_round),
                                timeout=fed.round_timeout_s, identities=identities,
@@ -343,7 +345,8 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
             log.warning("round %d skipped: %d valid replies < federation.min_replies=%d",
                         server_round, outcome.contributors, fed.min_replies)
         else:
-            state.global_state = apply_update(state.global_state, outcome.step)
+            state.global_state = optimizer.step(state.global_state, outcome.step)
+            state.optimizer = optimizer.state()
         trained = trained_diagnostics(cfg, wiring, state, server_round, cohort_devices)
         # ---- account before release: the charged accountant and the new global part are on
         # disk before anything derived from them leaves (a resume re-sends this aggregate)

@@ -1,7 +1,8 @@
 """`kill -9` of a running `fedmilm-simulate`, then `resume=RUN_DIR`: nothing lost or doubled.
 
 The resumed run must end with the same rounds, the same user-level epsilon and (with seeded
-noise and no personal state) the same global adapter as an uninterrupted run with the seed.
+noise and no personal state) the same global adapter as an uninterrupted run with the seed:
+the server's Adam state must come back from the checkpoint for that.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
 RUN = ["model=tiny", "personalization=none", "privacy=user", "privacy.seeded_noise=true",
        "privacy.user.noise_multiplier=1.0", "privacy.user.target_epsilon=null",
        "federation.num_clients=4", "federation.clients_per_round=2", "federation.rounds=3",
-       "train.lr=0.02"]
+       "train.lr=0.02", "aggregation.server_optimizer=adam", "aggregation.server_lr=0.01"]
 
 
 def _rows(run_dir: Path) -> list[dict]:
