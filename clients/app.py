@@ -130,6 +130,8 @@ def train(msg: Message, context: Context) -> Message:
         if phone.diagnostics_dir is not None:
             write_diagnostic(phone.diagnostics_dir, phone.server_round, TRAIN, phone.user,
                              {**private, "epsilon_sample": ledger.epsilon if ledger else None})
+    if cfg.privacy.user_level and cfg.privacy.user.adaptive_clip:  # accounted by the server
+        metrics[protocol.WITHIN_CLIP] = 0.5 if outcome.within_clip else -0.5
     update = outcome.update
     if phone.rank is not None:  # zero-padded back to the server's rank
         update = pad(update, full)

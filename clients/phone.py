@@ -6,6 +6,7 @@ phones, so the base model is loaded once and only adapter tensors change per pho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -81,10 +82,17 @@ class Phone:
     rank: int | None = None  # heterogeneous ranks: this phone's tier rank (None: lora.r)
     policy_path: Path | None = None      # its own privacy policy (node config)
     diagnostics_dir: Path | None = None  # simulation only: where the simulator reads results
+    round_clip: float | None = None      # adaptive clipping: this round's user-level clip
 
     @property
     def cfg(self) -> FedMilmConfig:
-        return _config(self.config_text)
+        """The run config, with this round's clip when the server adapts it (the phone's own
+        policy checks that clip like any other request)."""
+        cfg = _config(self.config_text)
+        if self.round_clip is None:
+            return cfg
+        user = replace(cfg.privacy.user, clip_norm=self.round_clip)
+        return replace(cfg, privacy=replace(cfg.privacy, user=user))
 
     @property
     def space(self) -> AdapterSpace:
@@ -151,9 +159,14 @@ def phone_for(msg: Message, context: Context) -> Phone:
     tier = tier_of(user, tiers, None if declared is None else str(declared))
     policy = node.get(protocol.PRIVACY_POLICY)
     diagnostics = node.get(protocol.DIAGNOSTICS_DIR)
+    clip = config.get(protocol.CLIP_NORM)
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)
+                             or not math.isfinite(clip) or clip <= 0):
+        raise ValueError(f"'{protocol.CLIP_NORM}' in the round's config is not a positive number")
     return Phone(config_text=config_text, user=user,
                  storage=DeviceStorage(Path(str(node[protocol.DEVICE_DIR]))),
                  server_round=int(config[protocol.SERVER_ROUND]),
                  rank=None if tier is None else tiers[tier],
                  policy_path=None if policy is None else Path(str(policy)),
-                 diagnostics_dir=None if diagnostics is None else Path(str(diagnostics)))
+                 diagnostics_dir=None if diagnostics is None else Path(str(diagnostics)),
+                 round_clip=None if clip is None else float(clip))

@@ -11,6 +11,7 @@ UPDATE_ARRAYS = "update"      # phone -> server: trained global part minus recei
 CONFIG = "config"
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "fedmilm-config"  # the validated run config as YAML (model, LoRA, data, training)
+CLIP_NORM = "clip-norm"        # adaptive clipping: this round's user-level clip (else the config's)
 RUN_DIR = "run-dir"            # deployment run config only: where the ServerApp writes outputs
 NODE_DEVICES = "node-devices"  # deployment run config: node id -> device id from key registration
 
@@ -26,6 +27,8 @@ LOSS_GLOBAL = "loss-global"
 LOSS_PERSONAL = "loss-personal"   # absent when the mode has no personal part
 LEDGER_TRAININGS = "ledger-trainings"  # DP-SGD: trainings the phone's ledger has charged (the
                                        # server knows them; a decrease means a reset ledger)
+WITHIN_CLIP = "within-clip"       # adaptive clipping: +0.5 if the update fitted under the clip,
+                                  # -0.5 if it was clipped (noised and accounted by the server)
 LORA_RANK = "lora-rank"           # heterogeneous ranks: the rank the phone trained/evaluated at
 DEVICE_ID = "device-id"           # query reply: the phone's stable pseudonym (its partition id)
 DECLINED = "declined"             # the phone declined to train, with one of these codes:

@@ -112,11 +112,11 @@ def _progress(cfg: FedMilmConfig, server_round: int, phase: str, sampled: int,
 
 def _send(grid: Grid, nodes: list[int], message_type: str, state: ServerState,
           server_round: int, cfg: FedMilmConfig, wiring: Wiring, deadline: float,
-          progress: RoundProgress) -> Iterator[Message]:
+          progress: RoundProgress, clip_norm: float | None = None) -> Iterator[Message]:
     """The replies of `nodes` to this round's message, as they arrive."""
     messages = build_messages(nodes, message_type=message_type,
                               global_state=state.global_state, server_round=server_round,
-                              config_text=wiring.config_text)
+                              config_text=wiring.config_text, clip_norm=clip_norm)
     for reply in stream_replies(grid, messages, deadline=deadline,
                                 window=cfg.federation.max_in_flight, on_wait=progress.tick):
         progress.reply()
@@ -136,15 +136,18 @@ def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round
     def fold(update: ClientUpdate) -> None:
         round_sum.add(update.update, aggregator.weight_of(update.num_examples),
                       (update.rank or cfg.lora.r) if ranked else None)
+        if update.within_clip is not None:
+            aggregator.vote(update.within_clip)
 
     # under user-level DP the clip bounds every phone (and keeps the analysis): no norm bound
     collector = TrainCollector(state.global_state, devices=wiring.devices,
                                max_norm=aggregator.max_update_norm, dp=cfg.privacy.any_dp,
-                               quiet=secret, fold=fold,
+                               quiet=secret, fold=fold, votes=aggregator.round_clip is not None,
                                norm_multiple=None if secret else fed.norm_bound_multiple)
     answered = 0
     for reply in _send(grid, cohort, TRAIN, state, server_round, cfg, wiring, deadline,
-                       _progress(cfg, server_round, "training", len(cohort), secret)):
+                       _progress(cfg, server_round, "training", len(cohort), secret),
+                       aggregator.round_clip):
         answered += 1
         collector.take(reply)
     replies = collector.finish()
@@ -339,6 +342,7 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         cohort_devices = aggregator.cohort(eligible, state.sampler, server_round)
         cohort = [node_of[d] for d in cohort_devices]
         train = _train_secure if cfg.aggregation.secure else _train_plain
+        clip = aggregator.round_clip  # the clip this round's phones are told (adaptive)
         outcome = train(grid, cohort, state, server_round, aggregator, cfg, wiring, deadline)
         seconds_train = time.perf_counter() - started
         if outcome.step is None:
@@ -364,6 +368,8 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
                                state=state, cfg=cfg, trained=trained)
         if trace is not None:
             record = replace(record, available=len(eligible))
+        if clip is not None:
+            record = replace(record, clip_norm=clip)
         append_record(metrics_path, record)
         append_per_phone(run_dir / PER_PHONE_FILE, server_round, evals)
         log.info(format_progress(record, fed.rounds))

@@ -32,6 +32,7 @@ class ClientUpdate:
     seconds: float | None
     nbytes: int
     rank: int | None = None  # heterogeneous ranks: the rank the phone trained
+    within_clip: float | None = None  # adaptive clipping: the phone's +-0.5 vote
 
 
 @dataclass
@@ -65,19 +66,26 @@ class TrainOutcome:
     ledger_decreases: int | None = None
 
 
-def round_config(server_round: int, config_text: str) -> ConfigRecord:
-    """What every phone is told each round: the round and the run config (a request: each
-    phone checks it against its own policy; where its storage lives is its own business)."""
-    return ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.RUN_CONFIG: config_text})
+def round_config(server_round: int, config_text: str,
+                 clip_norm: float | None = None) -> ConfigRecord:
+    """What every phone is told each round: the round, the run config and (adaptive clipping)
+    the round's clip: a request, each phone checks it against its own policy; where its
+    storage lives is its own business."""
+    values: dict[str, int | float | str] = {protocol.SERVER_ROUND: server_round,
+                                            protocol.RUN_CONFIG: config_text}
+    if clip_norm is not None:
+        values[protocol.CLIP_NORM] = float(clip_norm)
+    return ConfigRecord(values)
 
 
 def build_messages(nodes: list[int], *, message_type: str, global_state: State,
-                   server_round: int, config_text: str) -> Iterator[Message]:
+                   server_round: int, config_text: str,
+                   clip_norm: float | None = None) -> Iterator[Message]:
     """One message per node, built as it is sent. They share one ArrayRecord and one
     ConfigRecord (nobody mutates them), so a cohort costs one adapter's memory, not one per
     phone."""
     content = RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(global_state),
-                          protocol.CONFIG: round_config(server_round, config_text)})
+                          protocol.CONFIG: round_config(server_round, config_text, clip_norm)})
     for node in nodes:
         yield Message(content=content, dst_node_id=node, message_type=message_type)
 
@@ -168,7 +176,7 @@ def undecoded_problem(arrays: ArrayRecord, reference: State) -> str | None:
 
 
 def _parse_update(reply: Message, reference: State, max_norm: float,
-                  device: int, dp: bool) -> ClientUpdate | str:
+                  device: int, dp: bool, votes: bool = False) -> ClientUpdate | str:
     content = reply.content
     if protocol.UPDATE_ARRAYS not in content.array_records:
         return f"no '{protocol.UPDATE_ARRAYS}' arrays in the reply"
@@ -188,8 +196,12 @@ def _parse_update(reply: Message, reference: State, max_norm: float,
     if dp:  # only the update travels: equal weights, no private statistics
         if isinstance(rank, str):
             return rank
+        vote = metric(metrics, protocol.WITHIN_CLIP, float) if votes else None
+        if isinstance(vote, str) or vote not in (None, -0.5, 0.5):
+            return vote if isinstance(vote, str) else f"'{protocol.WITHIN_CLIP}' is not +-0.5"
         return ClientUpdate(device=device, update=update, num_examples=1, train_loss=None,
-                            tokens=None, seconds=None, nbytes=arrays.count_bytes(), rank=rank)
+                            tokens=None, seconds=None, nbytes=arrays.count_bytes(), rank=rank,
+                            within_clip=vote)
     values = {key: metric(metrics, key, kind, minimum=low, required=key == protocol.NUM_EXAMPLES)
               for key, kind, low in ((protocol.NUM_EXAMPLES, int, 1),
                                      (protocol.TRAIN_LOSS, float, 0),
@@ -216,13 +228,15 @@ class TrainCollector:
     (and a ledger count), never private statistics. `norm_multiple`: also reject an update
     longer than that many times the round's median norm so far (`StreamingNormBound`).
     `fold`: takes each accepted update (the server adds it to its running sums), after which
-    only the update's statistics are kept; without it the updates themselves are kept."""
+    only the update's statistics are kept; without it the updates themselves are kept.
+    `votes`: adaptive clipping: a reply must carry its +-0.5 clip vote."""
 
     def __init__(self, reference: State, *, max_norm: float, devices: dict[int, int],
                  dp: bool = False, quiet: bool = False, norm_multiple: float | None = None,
-                 fold: Callable[[ClientUpdate], None] | None = None) -> None:
+                 fold: Callable[[ClientUpdate], None] | None = None,
+                 votes: bool = False) -> None:
         self.reference, self.max_norm, self.devices = reference, max_norm, devices
-        self.dp, self.quiet, self.fold = dp, quiet, fold
+        self.dp, self.quiet, self.fold, self.votes = dp, quiet, fold, votes
         self.out = TrainReplies()
         self._bound = (None if norm_multiple is None
                        else StreamingNormBound(norm_multiple, RELATIVE_BOUND_MIN_UPDATES))
@@ -253,7 +267,8 @@ class TrainCollector:
                 log.info("device %d declined to train: %s", device, why)
             out.declined += 1
             return
-        parsed = _parse_update(reply, self.reference, self.max_norm, device, self.dp)
+        parsed = _parse_update(reply, self.reference, self.max_norm, device, self.dp,
+                               self.votes)
         if isinstance(parsed, str):
             _reject(node, devices, parsed, quiet)
             out.rejected += 1
@@ -291,10 +306,10 @@ class TrainCollector:
 
 def collect_updates(replies: Iterable[Message], reference: State, *, max_norm: float,
                     devices: dict[int, int], dp: bool = False, quiet: bool = False,
-                    norm_multiple: float | None = None) -> TrainReplies:
+                    norm_multiple: float | None = None, votes: bool = False) -> TrainReplies:
     """`TrainCollector` over a batch of replies, keeping the accepted updates."""
     collector = TrainCollector(reference, max_norm=max_norm, devices=devices, dp=dp,
-                               quiet=quiet, norm_multiple=norm_multiple)
+                               quiet=quiet, norm_multiple=norm_multiple, votes=votes)
     for reply in replies:
         collector.take(reply)
     return collector.finish()

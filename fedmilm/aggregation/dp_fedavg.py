@@ -40,7 +40,7 @@ class DpFedAvg(UserLevelDp):
                              num_steps=rounds)
 
     def release(self, total: State) -> State:
-        return noised_total(total, clip_norm=self.clip, noise_multiplier=self.noise,
+        return noised_total(total, clip_norm=self.clip, noise_multiplier=self.update_noise,
                             expected_clients=self.expected, random=self.random)
 
     def epsilon(self) -> float | None:

@@ -23,7 +23,8 @@ log = logging.getLogger("fedmilm.server")
 class DpFtrl(UserLevelDp):
     """Each round releases the change of the tree's noisy prefix sum over the expected cohort;
     the tree (noise std sigma C per node) restarts every `min_separation` rounds and at a
-    resume (its nodes live only in memory)."""
+    resume (its nodes live only in memory). With adaptive clipping the clip changes only when a
+    tree starts."""
 
     kind = "dp-ftrl"
 
@@ -33,7 +34,7 @@ class DpFtrl(UserLevelDp):
         assert user.min_separation is not None, "the separation is resolved before the run"
         self.separation, self.cap = user.min_separation, user.max_participations
         self.accountant = TreeAccountant(self.noise, self.separation, self.cap)
-        self.tree = TreeNoise(self.random, std=self.noise * self.clip,
+        self.tree = TreeNoise(self.random, std=self.update_noise * self.clip,
                               leaves_per_tree=self.separation)
         self.last_round: dict[int, int] = {}   # device -> the last round it was sent training
         self.participations: dict[int, int] = {}
@@ -54,10 +55,16 @@ class DpFtrl(UserLevelDp):
                         "%d%s; the cohort shrinks", server_round, len(allowed), self.separation,
                         "" if self.cap is None else f" and max_participations={self.cap}")
         chosen = sorted(sampler.sample(allowed, min(self.expected, len(allowed))))
+        if self.adaptive is not None and self.tree.at_boundary:  # a tree has one clip
+            self.clip = self.adaptive.clip
+            self.tree.std = self.update_noise * self.clip
         for device in chosen:
             self.last_round[device] = server_round
             self.participations[device] = self.participations.get(device, 0) + 1
         return chosen
+
+    def _clip_estimate_moved(self) -> None:
+        """The estimate waits for the next tree: its nodes' noise is sized for one clip."""
 
     def charge(self, rounds: int) -> None:
         self.accountant.step(rounds)

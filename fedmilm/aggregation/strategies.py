@@ -21,6 +21,11 @@ class Aggregator(Protocol):
     """The server's per-round decisions."""
 
     max_update_norm: float
+    round_clip: float | None  # adaptive clipping: the clip phones are told this round
+
+    def vote(self, within_clip: float) -> None:
+        """A phone's +-0.5 clip vote (adaptive clipping)."""
+        ...
 
     def cohort(self, nodes: list[int], sampler: random.Random, server_round: int) -> list[int]:
         """This round's phones among the eligible `nodes`."""
@@ -72,6 +77,11 @@ class FedAvg:
         self.method = cfg.aggregation.method
         self.trim_fraction = cfg.aggregation.trim_fraction
         self.byzantine = cfg.aggregation.krum_byzantine
+
+    round_clip = None
+
+    def vote(self, within_clip: float) -> None:
+        return None
 
     def cohort(self, nodes: list[int], sampler: random.Random,
                server_round: int = 0) -> list[int]:

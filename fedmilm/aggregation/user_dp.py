@@ -17,6 +17,11 @@ import torch
 from fedmilm.adapters.space import State
 from fedmilm.aggregation.streaming import RoundSum, RunningMean
 from fedmilm.config.schema import FedMilmConfig
+from fedmilm.privacy.adaptive_clip import (
+    QuantileClip,
+    default_count_noise,
+    update_noise_multiplier,
+)
 from fedmilm.privacy.randomness import SeededRandom, private_random
 
 CLIP_SLACK = 1e-3  # relative float32 slack allowed on a client's clipped norm
@@ -37,8 +42,34 @@ class UserLevelDp(ABC):
         self.noise, self.clip = user.noise_multiplier, user.clip_norm
         self.expected = cfg.federation.clients_per_round
         self.target, self.delta = user.target_epsilon, cfg.privacy.delta
-        self.max_update_norm = self.clip * (1 + CLIP_SLACK)  # updates must arrive clipped
         self.random = private_random(cfg.seed if cfg.privacy.seeded_noise else None)
+        self.update_noise = self.noise  # the update's share of the noise (all of it ...)
+        self.adaptive: QuantileClip | None = None
+        self._votes = 0.0
+        if user.adaptive_clip:  # ... unless the clip count takes its part
+            count_noise = user.clip_count_noise or default_count_noise(self.expected, self.noise)
+            self.update_noise = update_noise_multiplier(self.noise, count_noise)
+            self.adaptive = QuantileClip(clip=self.clip, quantile=user.clip_quantile,
+                                         lr=user.clip_lr, count_noise=count_noise,
+                                         expected=self.expected)
+
+    @property
+    def max_update_norm(self) -> float:
+        return self.clip * (1 + CLIP_SLACK)  # updates must arrive clipped to this round's clip
+
+    @property
+    def round_clip(self) -> float | None:
+        """The clip phones are told this round (adaptive clipping), None: the config's."""
+        return None if self.adaptive is None else self.clip
+
+    def vote(self, within_clip: float) -> None:
+        """A phone's b - 1/2 (adaptive clipping): its update fitted under the clip or not."""
+        self._votes += within_clip
+
+    def _clip_estimate_moved(self) -> None:
+        """Where the new estimate takes effect: at once, unless the mechanism says later."""
+        assert self.adaptive is not None
+        self.clip = self.adaptive.clip
 
     @abstractmethod
     def charge(self, rounds: int) -> None:
@@ -69,6 +100,7 @@ class UserLevelDp(ABC):
         return self.target is None or self.epsilon_ahead() <= self.target
 
     def start_round(self) -> RoundSum:
+        self._votes = 0.0
         return RunningMean()
 
     def weight_of(self, num_examples: int) -> float:
@@ -78,7 +110,11 @@ class UserLevelDp(ABC):
         """Charge the accountant, then release the noised sum of the clipped updates."""
         self.charge(1)
         assert isinstance(round_sum, RunningMean)
-        return self.release(round_sum.sum_over(reference))
+        step = self.release(round_sum.sum_over(reference))
+        if self.adaptive is not None:  # the count is released with the step, same charge
+            self.adaptive.update(self._votes, self.random)
+            self._clip_estimate_moved()
+        return step
 
     def aggregate_secure(self, mean: State | None, count: int,
                          reference: State) -> State | None:
@@ -97,7 +133,9 @@ class UserLevelDp(ABC):
     def state_dict(self) -> dict[str, Any]:
         """The mechanism's public state, and the noise generator only when it is seeded
         (tests): real noise state never touches the disk, a resumed run draws fresh entropy."""
-        state: dict[str, Any] = {"kind": self.kind, **self._own_state()}
+        state: dict[str, Any] = {"kind": self.kind, **self._own_state(), "clip": self.clip}
+        if self.adaptive is not None:  # released values (the count is noised): public
+            state["clip_estimate"] = self.adaptive.clip
         if isinstance(self.random, SeededRandom):
             raw = self.random.generator.get_state().numpy().tobytes()
             state["noise_generator"] = base64.b64encode(raw).decode("ascii")
@@ -108,6 +146,9 @@ class UserLevelDp(ABC):
             raise ValueError(f"checkpoint holds a {state.get('kind')!r} aggregator, not "
                              f"{self.kind}: resume with the run's own config")
         self._load_own_state(state)
+        self.clip = float(state["clip"])
+        if self.adaptive is not None:
+            self.adaptive.clip = float(state["clip_estimate"])
         if isinstance(self.random, SeededRandom) and "noise_generator" in state:
             raw = base64.b64decode(state["noise_generator"])
             self.random.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))

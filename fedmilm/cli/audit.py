@@ -43,7 +43,9 @@ def _run_mode(mode: str, cfg: FedMilmConfig, task_overrides: list[str], out: Pat
     run_dir = out / mode
     kept = [o for o in task_overrides if o.split("=")[0].lstrip("+~") not in ("privacy", "audit")
             and not o.startswith(("audit.", "hydra."))]
-    args = [*kept, f"privacy={mode}", f"data.canary_users={cfg.audit.canary_users}",
+    # leakage is measured at the config's noise whatever its utility: no swamp refusal here
+    args = [*kept, f"privacy={mode}", "privacy.user.allow_swamped=true",
+            f"data.canary_users={cfg.audit.canary_users}",
             f"data.canary_repeats={cfg.audit.canary_repeats}", f"hydra.run.dir={run_dir}"]
     log.info("audit: federation with privacy=%s ...", mode)
     subprocess.run([sys.executable, "-c", "from fedmilm.cli.simulate import main; main()",

@@ -19,6 +19,7 @@ from fedmilm.devices.availability import TraceFormatError, availability_for
 from fedmilm.metrics import read_records
 from fedmilm.model import smollm2
 from fedmilm.privacy.calibrate import resolve_privacy
+from fedmilm.privacy.plan import UserLevelPlan, plan_user_level, swamp_warning
 from fedmilm.training.device import DeviceError, resolve_device
 
 log = logging.getLogger("fedmilm")
@@ -144,6 +145,35 @@ def check_model(cfg: FedMilmConfig) -> None:
             plan_for(cfg, space.model)
         except MemoryBudgetError as err:
             _exit_with(f"memory budget error: {err}")
+    if cfg.privacy.user_level:
+        check_signal(cfg, sum(space.initial[k].numel() for k in space.global_keys))
+
+
+def user_level_plan(cfg: FedMilmConfig, coordinates: int) -> UserLevelPlan:
+    """The run's user-level DP plan (noise already resolved by `resolve_privacy`, or calibrated
+    here from the target when the config is raw)."""
+    user, fed = cfg.privacy.user, cfg.federation
+    return plan_user_level(population=fed.num_clients, cohort=fed.clients_per_round,
+                           rounds=fed.rounds, delta=cfg.privacy.delta, coordinates=coordinates,
+                           accountant=cfg.privacy.accountant,
+                           target_epsilon=user.target_epsilon,
+                           noise_multiplier=user.noise_multiplier, mechanism=user.mechanism,
+                           min_separation=user.min_separation,
+                           max_participations=user.max_participations)
+
+
+def check_signal(cfg: FedMilmConfig, coordinates: int) -> None:
+    """Refuse (exit 2, one line) a run whose user-level noise would swamp every round's step,
+    naming the cohort that would not; only warn with `privacy.user.allow_swamped=true`."""
+    user = cfg.privacy.user
+    line = swamp_warning(user_level_plan(cfg, coordinates), accountant=cfg.privacy.accountant)
+    if line is None:
+        return
+    if user.allow_swamped:
+        log.warning("privacy.user: %s (running anyway: privacy.user.allow_swamped=true)", line)
+    else:
+        _exit_with(f"config error: privacy.user: {line}; set privacy.user.allow_swamped=true "
+                   "to run anyway")
 
 
 def _exit_with(line: str) -> None:

@@ -5,8 +5,9 @@
 
 Prints the noise multiplier the accountant needs for the target (or the epsilon a fixed one
 gives), the noise std per coordinate relative to the clip norm, the noise-to-signal norm
-ratio of a round's step, and the smallest cohort at which that ratio stays at or below 1.
-Mechanism: DP-FedAvg with Poisson sampling (`privacy.user.mechanism=poisson`, today's only one).
+ratio of a round's step, the noise left in the model after the last round, and the smallest
+cohort at which the ratio stays at or below 1. Either mechanism (`privacy.user.mechanism=
+poisson|ftrl`); run it once with each to compare them.
 """
 
 from __future__ import annotations
@@ -20,13 +21,9 @@ quiet_offline_env()
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from fedmilm.cli.common import CONFIG_DIR, load_or_exit  # noqa: E402
+from fedmilm.cli.common import CONFIG_DIR, load_or_exit, user_level_plan  # noqa: E402
 from fedmilm.config import FedMilmConfig  # noqa: E402
-from fedmilm.privacy.plan import (  # noqa: E402
-    UserLevelPlan,
-    plan_user_level,
-    smallest_useful_cohort,
-)
+from fedmilm.privacy.plan import UserLevelPlan, smallest_useful_cohort  # noqa: E402
 
 
 def global_coordinates(cfg: FedMilmConfig) -> int:
@@ -42,10 +39,18 @@ def report(plan: UserLevelPlan, *, clip: float, accountant: str, target: float |
            useful: int | None | str) -> list[str]:
     """The planner's lines (pure, so tests read exactly what users read)."""
     swamped = plan.noise_to_signal > 1
+    if plan.mechanism == "ftrl":
+        cap = plan.max_participations
+        head = ["user-level DP-FTRL, tree aggregation, exact Gaussian (GDP) accounting",
+                f"population {plan.population}, cohort {plan.cohort}, {plan.rounds} rounds, "
+                f"delta {plan.delta:g}; a phone trains at most once every "
+                f"{plan.min_separation} rounds" + ("" if cap is None else f", {cap} times")]
+    else:
+        head = [f"user-level DP-FedAvg, Poisson sampling, accountant {accountant}",
+                f"population {plan.population}, expected cohort {plan.cohort} "
+                f"(q = {plan.sample_rate:.4g}), {plan.rounds} rounds, delta {plan.delta:g}"]
     lines = [
-        f"user-level DP-FedAvg, Poisson sampling, accountant {accountant}",
-        f"population {plan.population}, expected cohort {plan.cohort} "
-        f"(q = {plan.sample_rate:.4g}), {plan.rounds} rounds, delta {plan.delta:g}",
+        *head,
         f"noise multiplier {plan.noise_multiplier:.4g} -> epsilon {plan.epsilon:.3g} after "
         f"{plan.rounds} rounds" + ("" if target is None
                                    else f" (privacy.user.target_epsilon = {target:g})"),
@@ -53,6 +58,8 @@ def report(plan: UserLevelPlan, *, clip: float, accountant: str, target: float |
         f"noise std per coordinate of the released mean: {plan.noise_std_over_clip:.3g} x C",
         f"noise-to-signal norm ratio of a round's step: >= {plan.noise_to_signal:.3g}"
         + (" (the noise swamps the signal)" if swamped else ""),
+        f"noise std per coordinate in the model after round {plan.rounds}: "
+        f"{plan.model_noise_over_clip:.3g} x C",
     ]
     if isinstance(useful, str):
         lines.append(useful)
@@ -67,17 +74,12 @@ def report(plan: UserLevelPlan, *, clip: float, accountant: str, target: float |
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def _main(raw: DictConfig) -> None:
     cfg = load_or_exit(raw)
-    user, fed = cfg.privacy.user, cfg.federation
+    user = cfg.privacy.user
     if user.noise_multiplier is None and user.target_epsilon is None:
         print("fedmilm: config error: set privacy.user.target_epsilon or "
               "privacy.user.noise_multiplier", file=sys.stderr)
         sys.exit(2)
-    plan = plan_user_level(population=fed.num_clients, cohort=fed.clients_per_round,
-                           rounds=fed.rounds, delta=cfg.privacy.delta,
-                           coordinates=global_coordinates(cfg),
-                           accountant=cfg.privacy.accountant,
-                           target_epsilon=user.target_epsilon,
-                           noise_multiplier=user.noise_multiplier)
+    plan = user_level_plan(cfg, global_coordinates(cfg))
     useful: int | None | str
     if plan.noise_to_signal <= 1:
         useful = "the noise does not swamp the signal at this cohort"

@@ -121,6 +121,10 @@ class UserPrivacyConfig:
     target_epsilon: float | None = None     # the server stops before exceeding it
     min_separation: int | None = None       # ftrl: rounds between two of a phone's trainings
     max_participations: int | None = None   # ftrl: trainings per phone over the run
+    adaptive_clip: bool = MISSING           # the clip follows a quantile of update norms
+    clip_quantile: float = MISSING
+    clip_lr: float = MISSING
+    clip_count_noise: float | None = None   # None: max(clients_per_round / 20, sigma)
     allow_swamped: bool = MISSING           # run although noise swamps the signal
 
 

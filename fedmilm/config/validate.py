@@ -203,10 +203,18 @@ def _check_privacy(cfg: FedMilmConfig, problems: list[str]) -> None:
                      priv.user.target_epsilon)
         _positive(problems, "privacy.user.clip_norm", priv.user.clip_norm)
         _choice(problems, "privacy.user.mechanism", priv.user.mechanism, USER_MECHANISMS)
-        for key in ("min_separation", "max_participations"):
+        for key in ("min_separation", "max_participations", "clip_count_noise"):
             value = getattr(priv.user, key)
             if value is not None:
                 _positive(problems, f"privacy.user.{key}", value)
+        if priv.user.adaptive_clip:
+            if not 0 < priv.user.clip_quantile < 1:
+                problems.append(f"privacy.user.clip_quantile={priv.user.clip_quantile} must be "
+                                "in (0, 1)")
+            _positive(problems, "privacy.user.clip_lr", priv.user.clip_lr)
+            if cfg.aggregation.secure:
+                problems.append("privacy.user.adaptive_clip=true needs each phone's clip count, "
+                                "which aggregation.secure=true does not aggregate; pick one")
         if cfg.federation.clients_per_round < 2:
             problems.append("federation.clients_per_round must be >= 2 with user-level DP: one "
                             "phone's update would be released with noise only")

@@ -56,6 +56,7 @@ class RoundRecord:
     evaluated: int | None = None   # phones whose held-out losses were averaged (each one's
                                    # row is in per_phone.jsonl.gz)
     seconds_train: float | None = None  # the training phase alone (send to last reply)
+    clip_norm: float | None = None  # adaptive clipping: the user-level clip of this round
 
 
 DIAGNOSTICS_LABEL = ("simulator: per-phone values the virtual phones left on disk, outside the "

@@ -48,10 +48,20 @@ class Accountant:
             self.history.append((noise_multiplier, sample_rate, num_steps))
 
     def epsilon(self, delta: float) -> float:
-        """An upper bound on epsilon at `delta` for everything recorded (0 before any step)."""
+        """An upper bound on epsilon at `delta` for everything recorded (0 before any step).
+        PRV's discretisation breaks down at tiny noise multipliers (epsilons in the hundreds
+        and beyond); there RDP's bound over the same history, looser but still an upper
+        bound, is returned."""
         if not self.history:
             return 0.0
-        return float(self.opacus.get_epsilon(delta=delta))
+        try:
+            return float(self.opacus.get_epsilon(delta=delta))
+        except (RuntimeError, ValueError, OverflowError):
+            if self.mechanism != "prv":
+                raise
+            fallback = RDPAccountant()
+            fallback.history = list(self.history)
+            return float(fallback.get_epsilon(delta=delta))
 
     def epsilon_after(self, delta: float, *, noise_multiplier: float, sample_rate: float,
                       num_steps: int) -> float:

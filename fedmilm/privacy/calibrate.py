@@ -19,7 +19,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from fedmilm.config.schema import FedMilmConfig, UserPrivacyConfig
 from fedmilm.config.validate import ConfigError
 from fedmilm.privacy.accountant import Accountant
-from fedmilm.privacy.tree import TreeAccountant, ftrl_noise_for
+from fedmilm.privacy.adaptive_clip import update_noise_multiplier
+from fedmilm.privacy.tree import TreeAccountant, default_separation, ftrl_noise_for
 from fedmilm.training.local import dp_sample_rate, planned_steps
 
 log = logging.getLogger("fedmilm")
@@ -121,19 +122,15 @@ def _resolve_poisson(cfg: FedMilmConfig, problems: list[str]) -> UserPrivacyConf
     return user
 
 
-def default_separation(cfg: FedMilmConfig) -> int:
-    """The longest separation that still leaves a full cohort every round: N // m."""
-    return max(1, cfg.federation.num_clients // cfg.federation.clients_per_round)
-
-
 def _resolve_ftrl(cfg: FedMilmConfig, problems: list[str]) -> UserPrivacyConfig:
     """DP-FTRL: the separation (null: N // m) and the noise for the target in closed form."""
     fed, user = cfg.federation, cfg.privacy.user
-    separation = user.min_separation or default_separation(cfg)
-    if separation > default_separation(cfg):
+    longest = default_separation(fed.num_clients, fed.clients_per_round)
+    separation = user.min_separation or longest
+    if separation > longest:
         log.warning("privacy.user.min_separation=%d > num_clients // clients_per_round = %d: "
-                    "fewer than %d phones may train in some rounds", separation,
-                    default_separation(cfg), fed.clients_per_round)
+                    "fewer than %d phones may train in some rounds", separation, longest,
+                    fed.clients_per_round)
     user = dataclasses.replace(user, min_separation=separation)
     if user.noise_multiplier is None:
         user = dataclasses.replace(user, noise_multiplier=ftrl_noise_for(
@@ -178,6 +175,11 @@ def resolve_privacy(cfg: FedMilmConfig, user_sizes: list[int] | None = None) -> 
         _check_delta(problems, priv.delta, cfg.federation.num_clients, "phones")
         resolve = _resolve_ftrl if user.mechanism == "ftrl" else _resolve_poisson
         user = resolve(cfg, problems)
+        if user.adaptive_clip and user.clip_count_noise is not None:
+            try:
+                update_noise_multiplier(user.noise_multiplier, user.clip_count_noise)
+            except ValueError as err:
+                problems.append(f"privacy.user.clip_count_noise: {err}")
     if problems:
         raise ConfigError(problems)
     return dataclasses.replace(cfg, privacy=dataclasses.replace(priv, user=user))

@@ -7,7 +7,8 @@ std sigma C, and the prefix sum of round t is read off the popcount(t) nodes tha
 the noise in the model grows like sqrt(log t) instead of DP-FedAvg's sqrt(t).
 
 The tree restarts every `min_separation` rounds and a phone trains at most once in that many
-rounds, so it is in each tree at most once. One participation moves `depth` nodes by C: a
+rounds, so it is in each tree at most once. One participation moves `depth` nodes by C (depth
+of a tree over min(min_separation, rounds so far) leaves): a
 Gaussian mechanism of noise multiplier sigma / sqrt(depth). P participations compose to
 mu = sqrt(P depth) / sigma (mu-GDP, exact epsilon in `gaussian`), under replace-one-phone's-
 data neighbours. No sampling is assumed: who trains may be decided by anyone, availability
@@ -46,6 +47,11 @@ class TreeNoise:
         self.random, self.std, self.leaves_per_tree = random, std, leaves_per_tree
         self._stack: list[tuple[int, State]] = []  # (level, node noise)
         self._leaves = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """The next round starts a tree (the std may change only here)."""
+        return self._leaves in (0, self.leaves_per_tree)
 
     def next_step_noise(self, reference: State) -> State:
         """The noise to add to this round's sum (shapes of `reference`)."""
@@ -97,7 +103,8 @@ class TreeAccountant:
         return bound
 
     def mu(self, rounds: int | None = None) -> float:
-        depth = tree_depth(self.min_separation)
+        rounds = self.rounds if rounds is None else rounds
+        depth = tree_depth(max(1, min(self.min_separation, rounds)))  # a tree has <= both
         if self.noise_multiplier == 0:
             return math.inf
         return math.sqrt(self.participations(rounds) * depth) / self.noise_multiplier
@@ -118,6 +125,11 @@ class TreeAccountant:
         self.rounds, self.lost = int(state["rounds"]), [int(n) for n in state["lost"]]
 
 
+def default_separation(population: int, cohort: int) -> int:
+    """The separation when none is set: N // m, the longest that leaves a full cohort."""
+    return max(1, population // cohort)
+
+
 def ftrl_participations(rounds: int, min_separation: int,
                         max_participations: int | None) -> int:
     """The most times one phone trains in `rounds` rounds under the separation and the cap."""
@@ -131,4 +143,4 @@ def ftrl_noise_for(target_epsilon: float, *, delta: float, rounds: int, min_sepa
     form (sigma = sqrt(P depth) / mu*, mu* the largest mu within the target)."""
     participations = ftrl_participations(rounds, min_separation, max_participations)
     mu = gaussian_mu_for(target_epsilon, delta)
-    return math.sqrt(participations * tree_depth(min_separation)) / mu
+    return math.sqrt(participations * tree_depth(min(min_separation, rounds))) / mu

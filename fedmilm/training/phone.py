@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fedmilm.adapters.space import AdapterSpace, State
 from fedmilm.config.schema import TrainConfig
 from fedmilm.data.chat import Example, batches
-from fedmilm.privacy.user_level import clip_update
+from fedmilm.privacy.user_level import clip_update, l2_norm
 from fedmilm.training.local import (
     DpSgd,
     TrainStats,
@@ -34,6 +34,7 @@ class TrainOutcome:
     update: State
     personal: State
     stats: TrainStats
+    within_clip: bool | None = None  # user-level: the update fitted under the clip unscaled
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,11 @@ def train_phone(space: AdapterSpace, *, global_state: State, personal_state: Sta
         trained = space.state(space.global_keys)
         personal = space.state(space.personal_keys)
     update = {k: trained[k] - global_state[k] for k in space.global_keys}
+    within = None
     if clip_norm is not None:
+        within = l2_norm(update) <= clip_norm
         update = clip_update(update, clip_norm)
-    return TrainOutcome(update=update, personal=personal, stats=stats)
+    return TrainOutcome(update=update, personal=personal, stats=stats, within_clip=within)
 
 
 def _train_on_device(programs: PhonePrograms, state: State, examples: list[Example], *,

@@ -22,7 +22,8 @@ def task_identity():
 
 
 def _call(cfg, message_type: str, tmp_path, user: int = 0, server_round: int = 1, *,
-          policy: PhonePolicy | None = None, diagnostics: bool = False) -> Message:
+          policy: PhonePolicy | None = None, diagnostics: bool = False,
+          clip: float | None = None) -> Message:
     """One message through the deployed app, with the node config a real phone has: its own
     storage folder and its own policy file (by default: accepting what `cfg` asks)."""
     from fedmilm.privacy.calibrate import resolve_privacy
@@ -32,6 +33,8 @@ def _call(cfg, message_type: str, tmp_path, user: int = 0, server_round: int = 1
                                  seed=cfg.seed)
     config = ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.RUN_CONFIG: to_yaml(cfg),
                            "storage-root": str(tmp_path / "server-says")})  # must be ignored
+    if clip is not None:  # adaptive clipping: the round's clip
+        config[protocol.CLIP_NORM] = clip
     content = RecordDict({protocol.GLOBAL_ARRAYS:
                           ArrayRecord(space.initial_state(space.global_keys)),
                           protocol.CONFIG: config})
@@ -174,6 +177,28 @@ def test_a_dp_phone_releases_no_evaluation(tmp_path):
         reply.content.metric_records[protocol.METRICS])
     left = list((tmp_path / "diagnostics").rglob("2.json"))
     assert len(left) == 1 and protocol.LOSS_BASE in left[0].read_text()
+
+
+@pytest.mark.parametrize("clip,within", [(0.01, -0.5), (1e6, 0.5)])
+def test_adaptive_clipping_uses_the_rounds_clip_and_sends_only_its_vote(tmp_path, clip, within):
+    from fedmilm.privacy.user_level import l2_norm
+
+    cfg = tiny_config("privacy=user", "privacy.user.adaptive_clip=true", "train.lr=0.05",
+                      "privacy.phone.max_user_clip=1e7")
+    reply = _call(cfg, MessageType.TRAIN, tmp_path, user=1, clip=clip)
+    update = reply.content.array_records[protocol.UPDATE_ARRAYS].to_torch_state_dict()
+    assert l2_norm(update) <= clip * (1 + 1e-4)
+    metrics = dict(reply.content.metric_records[protocol.METRICS])
+    assert metrics == {protocol.WITHIN_CLIP: within}
+
+
+def test_a_round_clip_above_the_phones_policy_is_declined(tmp_path):
+    cfg = tiny_config("privacy=user", "privacy.user.adaptive_clip=true")
+    reply = _call(cfg, MessageType.TRAIN, tmp_path, user=2, clip=5.0,
+                  policy=_stricter(cfg, max_user_clip=1.0))
+    assert not reply.content.array_records
+    assert reply.content.metric_records[protocol.METRICS][protocol.DECLINED] == \
+        protocol.DECLINED_POLICY
 
 
 def _stricter(cfg, **changes) -> PhonePolicy:

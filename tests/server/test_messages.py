@@ -96,6 +96,17 @@ def test_under_dp_replies_carry_no_weights_and_count_one_each():
     assert [u.num_examples for u in out.accepted] == [1, 1, 1]
 
 
+def test_adaptive_clip_votes_must_be_exactly_plus_or_minus_a_half(caplog):
+    votes = [0.5, -0.5, None, 0.3, 1.0, float("nan"), 0]
+    replies = [_reply(100 + i, arrays=_update(),
+                      metrics={} if v is None else {protocol.WITHIN_CLIP: v})
+               for i, v in enumerate(votes)]
+    out = collect_updates(replies, REF, max_norm=10.0, devices=DEVICES, dp=True, votes=True)
+    assert [u.within_clip for u in out.accepted] == [0.5, -0.5] and out.rejected == 5
+    plain = collect_updates(replies[2:3], REF, max_norm=10.0, devices=DEVICES, dp=True)
+    assert [u.within_clip for u in plain.accepted] == [None]  # no vote asked, none read
+
+
 def test_declines_and_ledger_counts_are_read_defensively():
     replies = [_reply(100, metrics={protocol.DECLINED: 1, protocol.LEDGER_TRAININGS: 3}),
                _reply(101, metrics={protocol.DECLINED: float("nan")}),

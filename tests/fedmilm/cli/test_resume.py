@@ -24,6 +24,7 @@ from tests.fedmilm.cli.test_simulate import SIMULATE, _simulate
 pytestmark = pytest.mark.e2e  # a whole federation: `make test-fast` skips it
 
 RUN = ["model=tiny", "personalization=none", "privacy=user", "privacy.seeded_noise=true",
+       "privacy.user.allow_swamped=true",
        "privacy.user.noise_multiplier=1.0", "privacy.user.target_epsilon=null",
        "federation.num_clients=4", "federation.clients_per_round=2", "federation.rounds=3",
        "train.lr=0.02", "aggregation.server_optimizer=adam", "aggregation.server_lr=0.01"]

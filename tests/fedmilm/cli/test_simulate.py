@@ -113,7 +113,7 @@ def test_a_runtime_crash_ends_the_command_at_once_with_one_line(tmp_path):
 
 def test_both_privacy_levels_are_accounted_and_reported(tmp_path):
     done = _simulate([*SMALL, "privacy=both", "privacy.seeded_noise=true", "lora.variant=ffa",
-                      "personalization=dual", "federation.min_replies=1",
+                      "privacy.user.allow_swamped=true", "personalization=dual", "federation.min_replies=1",
                       "privacy.sample.target_epsilon=50", f"hydra.run.dir={tmp_path}"])
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -153,7 +153,8 @@ def test_a_stop_at_the_user_level_budget_is_a_success(tmp_path):
         accountant.step(noise_multiplier=1.0, sample_rate=rate)
         after.append(accountant.epsilon(1e-3))
     target = (after[0] + after[1]) / 2  # room for one round, not two
-    done = _simulate([*SMALL, "privacy=user", "privacy.user.noise_multiplier=1.0",
+    done = _simulate([*SMALL, "privacy=user", "privacy.user.allow_swamped=true",
+                      "privacy.user.noise_multiplier=1.0",
                       f"privacy.user.target_epsilon={target}", "privacy.delta=1e-3",
                       f"hydra.run.dir={tmp_path}"])
     assert done.returncode == 0, done.stderr[-3000:]

@@ -148,7 +148,8 @@ def test_deployed_dp_run_writes_nothing_per_phone(tmp_path):
     own storage; the server's outputs hold no per-phone row, loss or count."""
     run_dir = tmp_path / "run"
     done = subprocess.run([*DEPLOY, "model=tiny", *SMALL, "federation.rounds=1", "privacy=both",
-                           "privacy.delta=1e-3", f"hydra.run.dir={run_dir}"],
+                           "privacy.delta=1e-3", "privacy.user.allow_swamped=true",
+                           f"hydra.run.dir={run_dir}"],
                           capture_output=True, text=True, timeout=600,
                           preexec_fn=_ctrl_c_enabled)
     try:

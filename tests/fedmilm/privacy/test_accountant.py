@@ -81,3 +81,19 @@ def test_state_dict_round_trip_and_refusals():
         Accountant("rdp").load_state_dict(accountant.state_dict())
     with pytest.raises(ValueError, match="unknown"):
         Accountant("gdp")
+
+
+def test_prv_falls_back_to_rdp_where_its_discretisation_breaks_down():
+    """At a tiny noise multiplier Opacus's PRV raises; the bound then comes from RDP over the
+    same history (an upper bound too), never an exception in the middle of a run."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    raw = PRVAccountant()
+    raw.history = [(0.01, 0.5, 1)]
+    with pytest.raises(RuntimeError):
+        raw.get_epsilon(delta=1e-5)
+    accountant = Accountant("prv")
+    accountant.step(noise_multiplier=0.01, sample_rate=0.5)
+    rdp = RDPAccountant()
+    rdp.history = [(0.01, 0.5, 1)]
+    assert accountant.epsilon(1e-5) == rdp.get_epsilon(delta=1e-5) > 100

@@ -61,4 +61,51 @@ def test_when_no_cohort_helps_it_says_so_in_one_line():
                            coordinates=1_000_000, accountant="rdp", target_epsilon=8.0)
     assert smallest_useful_cohort(plan, target_epsilon=8.0, accountant="rdp") is None
     lines = report(plan, clip=0.5, accountant="rdp", target=8.0, useful=None)
-    assert "swamps" in lines[-2] and lines[-1].startswith("no cohort up to the whole population")
+    assert "swamps" in lines[-3] and lines[-1].startswith("no cohort up to the whole population")
+
+
+def test_the_ftrl_plan_meets_its_target_and_names_a_cohort_it_checks():
+    """DP-FTRL's plan: epsilon from the tree accountant equals the target; at the named cohort
+    (separation N // m) the ratio-one noise meets the target, one phone fewer it does not."""
+    from fedmilm.privacy.tree import TreeAccountant
+
+    population, d, rounds = 4000, 50_000, 40
+    plan = plan_user_level(population=population, cohort=20, rounds=rounds, delta=1e-6,
+                           coordinates=d, accountant="rdp", target_epsilon=8.0,
+                           mechanism="ftrl")
+    assert plan.min_separation == 200 and plan.epsilon == pytest.approx(8.0, rel=1e-6)
+    assert plan.model_noise_over_clip == pytest.approx(plan.noise_std_over_clip
+                                                       * math.sqrt(bin(40).count("1")))
+    cohort = smallest_useful_cohort(plan, target_epsilon=8.0, accountant="rdp")
+    assert cohort is not None
+
+    def epsilon_at_ratio_one(m: int) -> float:
+        tree = TreeAccountant(m / math.sqrt(d), population // m, None)
+        return tree.epsilon(1e-6, rounds)
+
+    assert epsilon_at_ratio_one(cohort) <= 8.0 < epsilon_at_ratio_one(cohort - 1)
+
+
+def test_simulate_refuses_a_swamped_run_naming_the_cohort_and_the_override(capsys):
+    from fedmilm.cli.common import check_signal
+    from fedmilm.privacy.calibrate import resolve_privacy
+    from tests.conftest import tiny_config
+
+    run = ("privacy=user", "privacy.accountant=rdp", "privacy.user.noise_multiplier=null",
+           "privacy.user.target_epsilon=8",
+           "federation.num_clients=2000", "federation.clients_per_round=5", "federation.rounds=5")
+    cfg = resolve_privacy(tiny_config(*run))
+    with pytest.raises(SystemExit) as stop:
+        check_signal(cfg, coordinates=100_000)
+    line = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(line.splitlines()) == 1
+    assert "swamps the signal" in line and "privacy.user.allow_swamped=true" in line
+    cohort = int(line.split("a cohort of ")[1].split()[0])
+
+    def epsilon_at_ratio_one(m: int) -> float:
+        return _independent_epsilon(m / 2000, m / math.sqrt(100_000), 5, cfg.privacy.delta)
+
+    assert epsilon_at_ratio_one(cohort) <= 8.0 * 1.02 < epsilon_at_ratio_one(cohort - 1) * 1.04
+    check_signal(resolve_privacy(tiny_config(*run, "privacy.user.allow_swamped=true")),
+                 coordinates=100_000)  # a warning, no exit
+    check_signal(cfg, coordinates=10)  # not swamped: nothing to say
