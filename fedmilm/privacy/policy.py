@@ -81,7 +81,7 @@ def read_policy(path: Path) -> PhonePolicy:
 
 def policy_for_run(privacy: PrivacyConfig) -> PhonePolicy:
     """The policy of phones whose owner launched this run: `privacy.phone.*`, where null means
-    what the run itself asks."""
+    what the run itself asks (for the clip under adaptive clipping: no cap)."""
     phone, sample, user = privacy.phone, privacy.sample, privacy.user
 
     def pick(value, default):  # noqa: ANN001, ANN202 - one of several scalar types
@@ -92,7 +92,8 @@ def policy_for_run(privacy: PrivacyConfig) -> PhonePolicy:
         min_sample_noise=float(pick(phone.min_sample_noise, sample.noise_multiplier or 0.0)),
         max_sample_epsilon=pick(phone.max_sample_epsilon, sample.target_epsilon),
         min_user_noise=float(pick(phone.min_user_noise, user.noise_multiplier or 0.0)),
-        max_user_clip=pick(phone.max_user_clip, user.clip_norm),
+        # an adapted clip moves the noise with it (epsilon stays): no cap unless one is set
+        max_user_clip=pick(phone.max_user_clip, None if user.adaptive_clip else user.clip_norm),
         delta=float(pick(phone.delta, privacy.delta)),
         allow_seeded_noise=bool(pick(phone.allow_seeded_noise, privacy.seeded_noise)))
 

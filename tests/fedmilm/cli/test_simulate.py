@@ -113,8 +113,9 @@ def test_a_runtime_crash_ends_the_command_at_once_with_one_line(tmp_path):
 
 def test_both_privacy_levels_are_accounted_and_reported(tmp_path):
     done = _simulate([*SMALL, "privacy=both", "privacy.seeded_noise=true", "lora.variant=ffa",
-                      "privacy.user.allow_swamped=true", "personalization=dual", "federation.min_replies=1",
-                      "privacy.sample.target_epsilon=50", f"hydra.run.dir={tmp_path}"])
+                      "privacy.user.allow_swamped=true", "personalization=dual",
+                      "federation.min_replies=1", "privacy.sample.target_epsilon=50",
+                      f"hydra.run.dir={tmp_path}"])
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -165,6 +166,40 @@ def test_a_stop_at_the_user_level_budget_is_a_success(tmp_path):
         "stopped_early_because"]
     assert "stopped after round 1 of 2" in done.stdout + done.stderr
     assert (tmp_path / "global_adapter" / "adapter_model.safetensors").exists()
+
+
+def test_dp_ftrl_run_enforces_separation_adapts_its_clip_per_tree_and_accounts(tmp_path):
+    """DP-FTRL with adaptive clipping and server momentum, end to end: no phone trains twice
+    within min_separation rounds (read from what the virtual phones left on disk), the clip
+    changes only when a tree starts, and epsilon is the tree accountant's."""
+    from fedmilm.privacy.tree import TreeAccountant
+
+    done = _simulate(["model=tiny", "personalization=none", "privacy=user",
+                      "privacy.user.mechanism=ftrl", "privacy.user.adaptive_clip=true",
+                      "privacy.user.allow_swamped=true", "privacy.user.noise_multiplier=0.05",
+                      "privacy.user.clip_count_noise=1.0", "aggregation.server_optimizer=momentum",
+                      "aggregation.server_lr=0.5", "federation.num_clients=6",
+                      "federation.clients_per_round=2", "federation.rounds=7",
+                      "privacy.delta=1e-3", "train.lr=0.02", f"hydra.run.dir={tmp_path}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained: dict[int, list[int]] = {}
+    for server_round in range(1, 8):
+        folder = tmp_path / "diagnostics" / f"round_{server_round:04d}" / "train"
+        for device in sorted(int(p.stem) for p in folder.glob("*.json")):
+            trained.setdefault(device, []).append(server_round)
+    assert sum(map(len, trained.values())) == 14  # two phones each round
+    for rounds in trained.values():
+        assert all(b - a >= 3 for a, b in zip(rounds, rounds[1:], strict=False)), trained
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    clips = [r["clip_norm"] for r in rows]
+    assert clips[0] == clips[1] == clips[2] != clips[3] == clips[4] == clips[5] != clips[6]
+    accountant = TreeAccountant(0.05, 3, None)
+    accountant.step(7)
+    assert rows[-1]["epsilon_user"] == pytest.approx(accountant.epsilon(1e-3), rel=1e-9)
+    saved = json.loads((tmp_path / "privacy_accountant.json").read_text())
+    assert saved["mechanism"] == "tree" and saved["rounds"] == 7
+    ckpt = tmp_path / "checkpoints" / "round_0007" / "server_optimizer.safetensors"
+    assert set(load_file(str(ckpt))) and all(k.startswith("first.") for k in load_file(str(ckpt)))
 
 
 def test_audit_runs_each_mode_and_writes_its_table(tmp_path):
