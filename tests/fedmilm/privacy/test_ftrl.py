@@ -156,3 +156,16 @@ def test_config_resolves_separation_and_calibrates_the_tree_noise():
     accountant.step(16)
     assert accountant.participations() == 2
     assert accountant.epsilon(1e-3) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_poisson_under_availability_says_what_its_epsilon_assumes(caplog):
+    from fedmilm.server.federation import _warn_risky
+
+    _warn_risky(tiny_config("privacy=user", "device.availability=synthetic"))
+    assert "assumes every phone is sampled independently" in caplog.text
+    assert "privacy.user.mechanism=ftrl" in caplog.text
+    caplog.clear()
+    _warn_risky(tiny_config("privacy=user", "privacy.user.mechanism=ftrl",
+                            "device.availability=synthetic"))
+    _warn_risky(tiny_config("privacy=user"))
+    assert "assumes every phone" not in caplog.text
