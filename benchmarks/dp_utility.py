@@ -13,10 +13,11 @@ cannot run. That last step is an extrapolation (one mean update from m phones ha
 sampling noise than from 5, so it leans conservative), and the report says so.
 
     python benchmarks/dp_utility.py [--z 0.0004 0.0015 0.006] [--only poisson ftrl ...]
-                                    [--fresh] [hydra overrides...]
+                                    [--name NAME] [--fresh] [hydra overrides...]
 
-Results accumulate in benchmarks/results/dp_utility.json (a rerun skips finished runs unless
-`--fresh`), the plot goes to benchmarks/results/dp_utility.png, the tables to BENCHMARKS.md.
+Results accumulate in benchmarks/results/NAME.json (a rerun skips finished runs unless
+`--fresh`), the plot goes to benchmarks/results/NAME.png, the tables to BENCHMARKS.md's
+section NAME (default name: dp-utility).
 """
 
 from __future__ import annotations
@@ -176,15 +177,18 @@ def main() -> None:
     parser.add_argument("--cohort", type=int, default=None,
                         help="phones per round (default: the config's)")
     parser.add_argument("--only", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--name", default="dp-utility", help="results file and report section")
     parser.add_argument("--fresh", action="store_true", help="rerun finished runs too")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: plot and report what the results file holds")
     args, overrides = parser.parse_known_args()
     cohort = args.cohort or config(overrides).federation.clients_per_round
     overrides = [*overrides, f"federation.clients_per_round={cohort}"]
-    store = RESULTS / "dp_utility.json"
+    store = RESULTS / f"{args.name}.json"
     results = {} if args.fresh or not store.exists() else json.loads(store.read_text())
     plan = runs(args.z, cohort, args.only)
     for i, (key, extra) in enumerate(plan.items(), 1):
-        if key in results:
+        if key in results or args.report_only:
             continue
         print(f"[{i}/{len(plan)}] {key} ...", flush=True)
         results[key] = simulate([*overrides, *extra])
@@ -192,11 +196,12 @@ def main() -> None:
               f"({results[key]['wall_s']:.0f} s)", flush=True)
         store.parent.mkdir(parents=True, exist_ok=True)
         store.write_text(json.dumps(results, indent=1))
-    plot(results, args.z, args.only, RESULTS / "dp_utility.png")
+    plot(results, args.z, args.only, RESULTS / f"{args.name}.png")
     body = report(results, args.z, args.only, overrides)
     command = " ".join(["python benchmarks/dp_utility.py", *sys.argv[1:]])
-    write_section("dp-utility", f"## User-level DP: utility against noise\n\n`{command}`  \n"
-                  f"{machine()}. Plot: `benchmarks/results/dp_utility.png`.\n\n{body}")
+    write_section(args.name, f"## User-level DP: utility against noise ({args.name})\n\n"
+                  f"`{command}`  \n{machine()}. Plot: `benchmarks/results/{args.name}.png`."
+                  f"\n\n{body}")
     print(body)
 
 
