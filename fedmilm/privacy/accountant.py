@@ -10,11 +10,13 @@ Gopi et al. 2021, which returns an upper bound); tests check both against Google
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 
 FORMAT_VERSION = 1
+PRV_MIN_NOISE = 0.1  # below this noise multiplier Opacus's PRV is unusable (see `epsilon`)
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
 
 
@@ -49,19 +51,23 @@ class Accountant:
 
     def epsilon(self, delta: float) -> float:
         """An upper bound on epsilon at `delta` for everything recorded (0 before any step).
-        PRV's discretisation breaks down at tiny noise multipliers (epsilons in the hundreds
-        and beyond); there RDP's bound over the same history, looser but still an upper
-        bound, is returned."""
+        Opacus's PRV breaks down at tiny noise multipliers (below PRV_MIN_NOISE it hangs or
+        returns inf, raises at some; epsilons there are in the hundreds and beyond): RDP's
+        bound over the same history, looser but still an upper bound, is returned instead."""
         if not self.history:
             return 0.0
-        try:
+        if self.mechanism == "prv" and min(s for s, _, _ in self.history) >= PRV_MIN_NOISE:
+            try:
+                value = float(self.opacus.get_epsilon(delta=delta))
+                if math.isfinite(value):
+                    return value
+            except (RuntimeError, ValueError, OverflowError):
+                pass
+        elif self.mechanism != "prv":
             return float(self.opacus.get_epsilon(delta=delta))
-        except (RuntimeError, ValueError, OverflowError):
-            if self.mechanism != "prv":
-                raise
-            fallback = RDPAccountant()
-            fallback.history = list(self.history)
-            return float(fallback.get_epsilon(delta=delta))
+        fallback = RDPAccountant()
+        fallback.history = list(self.history)
+        return float(fallback.get_epsilon(delta=delta))
 
     def epsilon_after(self, delta: float, *, noise_multiplier: float, sample_rate: float,
                       num_steps: int) -> float:

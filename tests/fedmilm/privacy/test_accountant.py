@@ -84,8 +84,9 @@ def test_state_dict_round_trip_and_refusals():
 
 
 def test_prv_falls_back_to_rdp_where_its_discretisation_breaks_down():
-    """At a tiny noise multiplier Opacus's PRV raises; the bound then comes from RDP over the
-    same history (an upper bound too), never an exception in the middle of a run."""
+    """At tiny noise multipliers Opacus's PRV raises, returns inf or runs for minutes (0.002
+    over 5 steps); the bound then comes from RDP over the same history (an upper bound too),
+    at once, never an exception in the middle of a run."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     raw = PRVAccountant()
@@ -97,3 +98,7 @@ def test_prv_falls_back_to_rdp_where_its_discretisation_breaks_down():
     rdp = RDPAccountant()
     rdp.history = [(0.01, 0.5, 1)]
     assert accountant.epsilon(1e-5) == rdp.get_epsilon(delta=1e-5) > 100
+    slow = Accountant("prv")
+    slow.step(noise_multiplier=0.002, sample_rate=0.25, num_steps=5)  # PRV: minutes
+    rdp.history = [(0.002, 0.25, 5)]
+    assert slow.epsilon(1e-5) == rdp.get_epsilon(delta=1e-5)
