@@ -18,7 +18,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedmilm.config.schema import FedMilmConfig, UserPrivacyConfig
 from fedmilm.config.validate import ConfigError
-from fedmilm.privacy.accountant import Accountant
+from fedmilm.privacy.accountant import PRV_MIN_NOISE, Accountant
 from fedmilm.privacy.adaptive_clip import update_noise_multiplier
 from fedmilm.privacy.tree import TreeAccountant, default_separation, ftrl_noise_for
 from fedmilm.training.local import dp_sample_rate, planned_steps
@@ -65,6 +65,10 @@ def calibrated_noise(target: float, *, delta: float, sample_rate: float, steps: 
             raise ValueError(f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives epsilon "
                              f"{ceiling:.3g} > {target:g} at delta {delta:g} over {steps} steps "
                              f"at sampling rate {sample_rate:.3g}")
+        if accountant == "prv" and Accountant("prv").epsilon_after(
+                delta, noise_multiplier=PRV_MIN_NOISE, sample_rate=sample_rate,
+                num_steps=steps) <= target:
+            accountant = "rdp"  # the answer lies where PRV cannot go (see Accountant.epsilon)
         try:
             return float(get_noise_multiplier(target_epsilon=target, target_delta=delta,
                                               sample_rate=sample_rate, steps=steps,

@@ -102,3 +102,15 @@ def test_prv_falls_back_to_rdp_where_its_discretisation_breaks_down():
     slow.step(noise_multiplier=0.002, sample_rate=0.25, num_steps=5)  # PRV: minutes
     rdp.history = [(0.002, 0.25, 5)]
     assert slow.epsilon(1e-5) == rdp.get_epsilon(delta=1e-5)
+
+
+def test_calibrating_a_huge_target_stays_out_of_prvs_unusable_range():
+    """A target met only below noise 0.1 is calibrated with RDP (PRV there ran out of 24 GiB
+    of memory); the noise found meets the target by RDP's bound."""
+    from fedmilm.privacy.calibrate import calibrated_noise
+
+    sigma = calibrated_noise(3000.0, delta=1e-5, sample_rate=0.25, steps=5, accountant="prv")
+    assert sigma < 0.1
+    check = Accountant("rdp")
+    check.step(noise_multiplier=sigma, sample_rate=0.25, num_steps=5)
+    assert check.epsilon(1e-5) <= 3000.0 * 1.01
