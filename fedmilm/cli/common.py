@@ -166,7 +166,8 @@ def check_signal(cfg: FedMilmConfig, coordinates: int) -> None:
     """Refuse (exit 2, one line) a run whose user-level noise would swamp every round's step,
     naming the cohort that would not; only warn with `privacy.user.allow_swamped=true`."""
     user = cfg.privacy.user
-    line = swamp_warning(user_level_plan(cfg, coordinates), accountant=cfg.privacy.accountant)
+    line = swamp_warning(user_level_plan(cfg, coordinates), accountant=cfg.privacy.accountant,
+                         max_ratio=user.max_noise_to_signal)
     if line is None:
         return
     if user.allow_swamped:

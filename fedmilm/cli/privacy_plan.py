@@ -36,9 +36,9 @@ def global_coordinates(cfg: FedMilmConfig) -> int:
 
 
 def report(plan: UserLevelPlan, *, clip: float, accountant: str, target: float | None,
-           useful: int | None | str) -> list[str]:
+           useful: int | None | str, max_ratio: float = 1.0) -> list[str]:
     """The planner's lines (pure, so tests read exactly what users read)."""
-    swamped = plan.noise_to_signal > 1
+    swamped = plan.noise_to_signal > max_ratio
     if plan.mechanism == "ftrl":
         cap = plan.max_participations
         head = ["user-level DP-FTRL, tree aggregation, exact Gaussian (GDP) accounting",
@@ -65,9 +65,11 @@ def report(plan: UserLevelPlan, *, clip: float, accountant: str, target: float |
         lines.append(useful)
     elif useful is None:
         lines.append(f"no cohort up to the whole population ({plan.population}) keeps the ratio "
-                     "<= 1 at this epsilon: more phones, fewer rounds or a larger epsilon")
+                     f"<= {max_ratio:g} at this epsilon: more phones, fewer rounds or a larger "
+                     "epsilon")
     else:
-        lines.append(f"smallest expected cohort with ratio <= 1 at this epsilon: {useful}")
+        lines.append(f"smallest expected cohort with ratio <= {max_ratio:g} at this epsilon: "
+                     f"{useful}")
     return lines
 
 
@@ -81,13 +83,14 @@ def _main(raw: DictConfig) -> None:
         sys.exit(2)
     plan = user_level_plan(cfg, global_coordinates(cfg))
     useful: int | None | str
-    if plan.noise_to_signal <= 1:
+    limit = user.max_noise_to_signal
+    if plan.noise_to_signal <= limit:
         useful = "the noise does not swamp the signal at this cohort"
     else:
         useful = smallest_useful_cohort(plan, target_epsilon=plan.epsilon,
-                                        accountant=cfg.privacy.accountant)
+                                        accountant=cfg.privacy.accountant, max_ratio=limit)
     for line in report(plan, clip=user.clip_norm, accountant=cfg.privacy.accountant,
-                       target=user.target_epsilon, useful=useful):
+                       target=user.target_epsilon, useful=useful, max_ratio=limit):
         print(line)
 
 

@@ -125,6 +125,7 @@ class UserPrivacyConfig:
     clip_quantile: float = MISSING
     clip_lr: float = MISSING
     clip_count_noise: float | None = None   # None: max(clients_per_round / 20, sigma)
+    max_noise_to_signal: float = MISSING    # a round's noise norm over the largest signal
     allow_swamped: bool = MISSING           # run although noise swamps the signal
 
 

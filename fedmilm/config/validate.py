@@ -203,6 +203,7 @@ def _check_privacy(cfg: FedMilmConfig, problems: list[str]) -> None:
                      priv.user.target_epsilon)
         _positive(problems, "privacy.user.clip_norm", priv.user.clip_norm)
         _choice(problems, "privacy.user.mechanism", priv.user.mechanism, USER_MECHANISMS)
+        _positive(problems, "privacy.user.max_noise_to_signal", priv.user.max_noise_to_signal)
         for key in ("min_separation", "max_participations", "clip_count_noise"):
             value = getattr(priv.user, key)
             if value is not None:

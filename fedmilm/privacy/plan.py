@@ -137,16 +137,19 @@ def smallest_useful_cohort(plan: UserLevelPlan, *, target_epsilon: float, accoun
     return high
 
 
-def swamp_warning(plan: UserLevelPlan, *, accountant: str) -> str | None:
-    """One line when the planned noise swamps the signal (ratio > 1), naming the cohort that
-    would not be swamped at the same epsilon; None otherwise."""
-    if plan.noise_to_signal <= 1:
+def swamp_warning(plan: UserLevelPlan, *, accountant: str,
+                  max_ratio: float = 1.0) -> str | None:
+    """One line when the planned noise swamps the signal (ratio above `max_ratio`), naming the
+    cohort that would not be swamped at the same epsilon; None otherwise."""
+    if plan.noise_to_signal <= max_ratio:
         return None
-    useful = smallest_useful_cohort(plan, target_epsilon=plan.epsilon, accountant=accountant)
+    useful = smallest_useful_cohort(plan, target_epsilon=plan.epsilon, accountant=accountant,
+                                    max_ratio=max_ratio)
     where = (f"a cohort of {useful} (federation.clients_per_round) would not be, at the same "
              f"epsilon {plan.epsilon:.3g}" if useful is not None
              else f"no cohort of the {plan.population} phones would be, at epsilon "
                   f"{plan.epsilon:.3g}: more phones, fewer rounds or a larger epsilon")
     return (f"the noise swamps the signal: noise-to-signal norm ratio >= "
-            f"{plan.noise_to_signal:.3g} each round (sigma {plan.noise_multiplier:.3g}, "
-            f"cohort {plan.cohort}, {plan.coordinates:,} coordinates); {where}")
+            f"{plan.noise_to_signal:.3g} each round, above privacy.user.max_noise_to_signal="
+            f"{max_ratio:g} (sigma {plan.noise_multiplier:.3g}, cohort {plan.cohort}, "
+            f"{plan.coordinates:,} coordinates); {where}")

@@ -102,10 +102,14 @@ def test_simulate_refuses_a_swamped_run_naming_the_cohort_and_the_override(capsy
     assert "swamps the signal" in line and "privacy.user.allow_swamped=true" in line
     cohort = int(line.split("a cohort of ")[1].split()[0])
 
-    def epsilon_at_ratio_one(m: int) -> float:
-        return _independent_epsilon(m / 2000, m / math.sqrt(100_000), 5, cfg.privacy.delta)
+    limit = cfg.privacy.user.max_noise_to_signal
+    assert f"max_noise_to_signal={limit:g}" in line
 
-    assert epsilon_at_ratio_one(cohort) <= 8.0 * 1.02 < epsilon_at_ratio_one(cohort - 1) * 1.04
+    def epsilon_at_the_limit(m: int) -> float:
+        return _independent_epsilon(m / 2000, limit * m / math.sqrt(100_000), 5,
+                                    cfg.privacy.delta)
+
+    assert epsilon_at_the_limit(cohort) <= 8.0 * 1.02 < epsilon_at_the_limit(cohort - 1) * 1.04
     check_signal(resolve_privacy(tiny_config(*run, "privacy.user.allow_swamped=true")),
                  coordinates=100_000)  # a warning, no exit
     check_signal(cfg, coordinates=10)  # not swamped: nothing to say
