@@ -138,9 +138,9 @@ def report(results: dict, grid: list[float], only: list[str], overrides: list[st
         d = coordinates_of([*overrides, *extra])
         cohorts = [cohort_for(z, population=n, rounds=cfg.federation.rounds, coordinates=d,
                               mechanism=mechanism) for n in POPULATIONS]
-        lines.append(f"| {name} | {z:g} | " + " | ".join(
-            "none" if m is None else f"{m:,} ({m / n:.2%})" for m, n in zip(cohorts, POPULATIONS,
-                                                                          strict=True)) + " |")
+        cells = ["none" if m is None else f"{m:,} ({100 * m / n:.2g}%)"
+                 for m, n in zip(cohorts, POPULATIONS, strict=True)]
+        lines.append(f"| {name} | {z:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -45,9 +45,9 @@ def sample_plan(cfg: FedMilmConfig, n: int | None = None) -> tuple[float, int, i
 
 
 MAX_NOISE_MULTIPLIER = 100.0  # beyond this the noise swamps any update: no useful run
-# Opacus's RDP warns when its best order is the largest it tries (at large sigma, in the
+# Opacus's RDP warns when its best order is the largest or smallest it tries (in the
 # calibration search): the bound is then looser, i.e. on the safe side; nothing to act on.
-LARGEST_ORDER = "Optimal order is the largest alpha"
+EDGE_ORDER = "Optimal order is the"  # ... largest / smallest alpha
 
 
 @lru_cache(maxsize=256)
@@ -57,7 +57,7 @@ def calibrated_noise(target: float, *, delta: float, sample_rate: float, steps: 
     MAX_NOISE_MULTIPLIER does (checked first: Opacus's search would double sigma for
     minutes towards an unreachable target)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=LARGEST_ORDER)
+        warnings.filterwarnings("ignore", message=EDGE_ORDER)
         ceiling = Accountant(accountant).epsilon_after(
             delta, noise_multiplier=MAX_NOISE_MULTIPLIER, sample_rate=sample_rate,
             num_steps=steps)

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 from fedmilm.privacy.accountant import Accountant
-from fedmilm.privacy.calibrate import LARGEST_ORDER, calibrated_noise
+from fedmilm.privacy.calibrate import EDGE_ORDER, calibrated_noise
 from fedmilm.privacy.tree import TreeAccountant, default_separation, ftrl_noise_for
 
 
@@ -71,7 +71,7 @@ def _epsilon(mechanism: str, *, population: int, cohort: int, rounds: int, delta
         return tree.epsilon(delta, rounds)
     with warnings.catch_warnings():  # Opacus's PRV takes log(1 - q) at q = 1
         warnings.simplefilter("ignore", RuntimeWarning)
-        warnings.filterwarnings("ignore", message=LARGEST_ORDER)
+        warnings.filterwarnings("ignore", message=EDGE_ORDER)
         return Accountant(accountant).epsilon_after(delta, noise_multiplier=noise,
                                                     sample_rate=cohort / population,
                                                     num_steps=rounds)
