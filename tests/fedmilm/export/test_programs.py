@@ -24,7 +24,8 @@ from fedmilm.training import DpSgd, per_example_loss, train_local, train_phone
 from fedmilm.training.memory import MemoryPlan
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+pytestmark = [pytest.mark.export,  # lowering the model takes ~40 s: `make test-fast` skips it
+              pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
 SEQ, MICRO, BATCH = 24, 3, 4
 OVERRIDES = (f"data.max_length={SEQ}", f"client.micro_batch={MICRO}", f"train.batch_size={BATCH}",
              "personalization=dual", "privacy=sample", "privacy.sample.noise_multiplier=0.8",
