@@ -88,12 +88,9 @@ def cohort_for(z: float, *, population: int, rounds: int, coordinates: int,
 
 
 def coordinates_of(overrides: list[str]) -> int:
-    from fedmilm.adapters import cached_adapter_space
+    from fedmilm.server.federation import run_space
 
-    cfg = config([*BASE, *overrides])
-    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
-                                 seed=cfg.seed)
-    return sum(space.initial[k].numel() for k in space.global_keys)
+    return run_space(config([*BASE, *overrides])).global_coordinates
 
 
 def report(results: dict, grid: list[float], only: list[str], overrides: list[str]) -> str:

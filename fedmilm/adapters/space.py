@@ -74,6 +74,11 @@ class AdapterSpace:
                                      f"{tuple(params[key].shape)}")
                 params[key].copy_(value)
 
+    @property
+    def global_coordinates(self) -> int:
+        """Numbers in the global part: what travels, and what user-level noise is added to."""
+        return sum(self.initial[k].numel() for k in self.global_keys)
+
     def initial_state(self, keys: tuple[str, ...]) -> State:
         """The initial values of the named tensors (what a phone starts from)."""
         return {k: self.initial[k].clone() for k in keys}

@@ -146,7 +146,7 @@ def check_model(cfg: FedMilmConfig) -> None:
         except MemoryBudgetError as err:
             _exit_with(f"memory budget error: {err}")
     if cfg.privacy.user_level:
-        check_signal(cfg, sum(space.initial[k].numel() for k in space.global_keys))
+        check_signal(cfg, space.global_coordinates)
 
 
 def user_level_plan(cfg: FedMilmConfig, coordinates: int) -> UserLevelPlan:

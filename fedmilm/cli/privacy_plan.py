@@ -6,8 +6,8 @@
 Prints the noise multiplier the accountant needs for the target (or the epsilon a fixed one
 gives), the noise std per coordinate relative to the clip norm, the noise-to-signal norm
 ratio of a round's step, the noise left in the model after the last round, and the smallest
-cohort at which the ratio stays at or below 1. Either mechanism (`privacy.user.mechanism=
-poisson|ftrl`); run it once with each to compare them.
+cohort at which the ratio stays at or below `privacy.user.max_noise_to_signal`. Either
+mechanism (`privacy.user.mechanism=poisson|ftrl`); run it once with each to compare them.
 """
 
 from __future__ import annotations
@@ -22,17 +22,8 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fedmilm.cli.common import CONFIG_DIR, load_or_exit, user_level_plan  # noqa: E402
-from fedmilm.config import FedMilmConfig  # noqa: E402
 from fedmilm.privacy.plan import UserLevelPlan, smallest_useful_cohort  # noqa: E402
-
-
-def global_coordinates(cfg: FedMilmConfig) -> int:
-    """Numbers in the global part of the run's adapter (what the noise is added to)."""
-    from fedmilm.adapters import cached_adapter_space
-
-    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
-                                 seed=cfg.seed)
-    return sum(space.initial[k].numel() for k in space.global_keys)
+from fedmilm.server.federation import run_space  # noqa: E402
 
 
 def report(plan: UserLevelPlan, *, clip: float, accountant: str, target: float | None,
@@ -81,7 +72,7 @@ def _main(raw: DictConfig) -> None:
         print("fedmilm: config error: set privacy.user.target_epsilon or "
               "privacy.user.noise_multiplier", file=sys.stderr)
         sys.exit(2)
-    plan = user_level_plan(cfg, global_coordinates(cfg))
+    plan = user_level_plan(cfg, run_space(cfg).global_coordinates)
     useful: int | None | str
     limit = user.max_noise_to_signal
     if plan.noise_to_signal <= limit:

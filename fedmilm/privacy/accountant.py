@@ -57,15 +57,15 @@ class Accountant:
         bound over the same history, looser but still an upper bound, is returned instead."""
         if not self.history:
             return 0.0
-        if self.mechanism == "prv" and min(s for s, _, _ in self.history) >= PRV_MIN_NOISE:
+        if self.mechanism != "prv":
+            return float(self.opacus.get_epsilon(delta=delta))
+        if min(sigma for sigma, _, _ in self.history) >= PRV_MIN_NOISE:
             try:
                 value = float(self.opacus.get_epsilon(delta=delta))
                 if math.isfinite(value):
                     return value
             except (RuntimeError, ValueError, OverflowError):
                 pass
-        elif self.mechanism != "prv":
-            return float(self.opacus.get_epsilon(delta=delta))
         fallback = RDPAccountant()
         fallback.history = list(self.history)
         with warnings.catch_warnings():  # an edge order only loosens the bound: the safe side

@@ -109,3 +109,29 @@ def test_a_noise_only_round_still_moves_the_clip_by_noise_alone():
     before = agg.round_clip
     aggregate_all(agg, [], [], REF)  # nobody replied: votes 0, the count's noise decides
     assert agg.round_clip != before
+
+
+def test_a_reply_longer_than_the_rounds_clip_or_with_a_bad_vote_is_rejected_alone():
+    """One phone cannot set the step: the server bounds each update by this round's clip and
+    each vote to exactly +-1/2; the other replies still count."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmilm import protocol
+    from fedmilm.server.messages import collect_updates
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    agg = DpFedAvg(_adaptive("privacy.user.clip_count_noise=1.0"))
+
+    def reply(node: int, scale: float, vote: float) -> Message:
+        sent = Message(content=RecordDict({protocol.CONFIG: ConfigRecord({})}), dst_node_id=node,
+                       message_type="train")
+        content = RecordDict({protocol.UPDATE_ARRAYS: ArrayRecord({"a": torch.full((64,), scale)}),
+                              protocol.METRICS: MetricRecord({protocol.WITHIN_CLIP: vote})})
+        return Message(content=content, reply_to=sent)
+
+    fits = agg.round_clip / 8 / 2  # norm = scale * sqrt(64) = half the clip
+    replies = [reply(10, fits, 0.5), reply(11, agg.round_clip, 0.5), reply(12, fits, 1e9)]
+    out = collect_updates(replies, REF, max_norm=agg.max_update_norm, dp=True, votes=True,
+                          devices={10: 0, 11: 1, 12: 2}, quiet=True)
+    assert len(out.accepted) == 1 and out.rejected == 2

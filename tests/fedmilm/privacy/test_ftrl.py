@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -169,3 +170,22 @@ def test_poisson_under_availability_says_what_its_epsilon_assumes(caplog):
                             "device.availability=synthetic"))
     _warn_risky(tiny_config("privacy=user"))
     assert "assumes every phone" not in caplog.text
+
+
+def test_the_public_config_reproduces_neither_tree_noise_nor_clip_counts_and_none_is_saved():
+    """Two servers with the same public config (no test seed) release different noise and move
+    the clip differently, and the checkpointed state holds no generator or tree node."""
+    run = ("privacy=user", "privacy.user.mechanism=ftrl", "privacy.user.adaptive_clip=true",
+           "federation.num_clients=20", "federation.clients_per_round=4")
+    first, second = (DpFtrl(resolve_privacy(tiny_config(*run))) for _ in range(2))
+    steps = []
+    for agg in (first, second):
+        agg.cohort(list(range(20)), random.Random(0), 1)  # the public sampler: same cohort
+        round_sum = agg.start_round()
+        agg.vote(0.5)
+        steps.append(agg.finish_round(round_sum, REF))
+    assert not torch.equal(steps[0]["a"], steps[1]["a"])
+    assert first.adaptive.clip != second.adaptive.clip
+    saved = first.state_dict()
+    assert "noise_generator" not in saved and "tree" not in json.dumps(saved).replace(
+        '"mechanism": "tree"', "")
