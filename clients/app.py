@@ -26,7 +26,9 @@ from fedmilm.config import FedMilmConfig
 from fedmilm.devices import policy_of
 from fedmilm.metrics.diagnostics import EVALUATE, TRAIN, write_diagnostic
 from fedmilm.privacy import BudgetExceeded, LedgerError, PrivacyLedger
+from fedmilm.privacy.distributed import distributed_noise_for, noisy_share
 from fedmilm.privacy.policy import POLICY_FILE
+from fedmilm.privacy.randomness import private_random
 from fedmilm.privacy.user_level import upload_clip_norm
 from fedmilm.runtime import quiet_offline_env
 from fedmilm.training import DpSgd, evaluate_phone, train_phone
@@ -136,6 +138,9 @@ def train(msg: Message, context: Context) -> Message:
     if phone.rank is not None:  # zero-padded back to the server's rank
         update = pad(update, full)
         metrics[protocol.LORA_RANK] = phone.rank
+    noise = distributed_noise_for(cfg, num_values=sum(v.numel() for v in full.values()))
+    if noise is not None:  # this phone's share of the noise, before SecAgg+ masks the update
+        update = noisy_share(update, noise, private_random(phone.dp_test_seed(phone.policy())))
     content = RecordDict({protocol.UPDATE_ARRAYS: ArrayRecord(update),
                           protocol.METRICS: metrics})
     return Message(content=content, reply_to=msg)

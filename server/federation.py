@@ -187,7 +187,10 @@ def _train_secure(grid: Grid, cohort: list[int], state: ServerState, server_roun
     config = round_config(server_round, wiring.config_text)
     result = secure_mean(grid, cohort, global_state=state.global_state, config=config,
                          server_round=server_round, agg=cfg.aggregation,
-                         timeout=_left(deadline))
+                         timeout=_left(deadline),
+                         floor=cfg.federation.min_replies
+                         if cfg.privacy.user_level and cfg.privacy.user.distributed_noise
+                         else 0)
     step = aggregator.aggregate_secure(result.mean, result.count, state.global_state)
     replies = TrainReplies(rejected=len(cohort) - result.count)
     return TrainOutcome(step=step, replies=replies, contributors=result.count,
@@ -310,7 +313,8 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
         log.info("phones train with micro-batch %d, gradient checkpointing %s (estimated peak "
                  "%.0f MiB)", plan.micro_batch, "on" if plan.checkpointing else "off",
                  plan.estimated_bytes / 2**20)
-    aggregator, optimizer = create_aggregator(cfg), server_optimizer_for(cfg.aggregation)
+    aggregator = create_aggregator(cfg, space.global_coordinates)
+    optimizer = server_optimizer_for(cfg.aggregation)
     state = _start_state(cfg, space, aggregator, run_dir, fingerprint)
     optimizer.load(state.optimizer)
     devices = discover_devices(grid, wait_for_nodes(grid, wanted=fed.num_clients,

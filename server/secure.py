@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from fedmilm.adapters import State
 from fedmilm.adapters.packing import from_ndarrays, to_ndarrays
 from fedmilm.config.schema import AggregationConfig
+from fedmilm.privacy.secagg_grid import SECAGG_MODULUS
 
 log = logging.getLogger("fedmilm.server")
 
@@ -49,6 +50,25 @@ class _OneRound(LegacyFedAvg):
         return None, {}
 
 
+class _FlooredSecAggPlus(SecAggPlusWorkflow):
+    """SecAgg+ that never unmasks a sum of fewer than `floor` masked vectors: with distributed
+    noise each vector carries one share, and the server's accountant charged `floor` shares."""
+
+    def __init__(self, *, floor: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.floor = floor
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:  # noqa: ANN001
+        if not super().collect_masked_vectors_stage(grid, context, state):
+            return False
+        if len(state.active_node_ids) < self.floor:
+            log.warning("SecAgg+: %d masked vectors arrived, fewer than the %d shares of noise "
+                        "the server's accountant charged (federation.min_replies); not unmasked",
+                        len(state.active_node_ids), self.floor)
+            return False
+        return True
+
+
 @dataclass(frozen=True)
 class SecureRound:
     """What the server learns from a SecAgg+ round: the mean, and how many phones made it."""
@@ -58,12 +78,18 @@ class SecureRound:
 
 
 def secure_mean(grid: Grid, cohort: list[int], *, global_state: State, config: ConfigRecord,
-                server_round: int, agg: AggregationConfig, timeout: float) -> SecureRound:
-    """Run SecAgg+ over `cohort`; phones train inside its masked-vector stage."""
+                server_round: int, agg: AggregationConfig, timeout: float,
+                floor: int = 0) -> SecureRound:
+    """Run SecAgg+ over `cohort`; phones train inside its masked-vector stage. `floor`: the
+    fewest masked vectors the server unmasks (distributed noise), else none is withheld."""
     shares = min(agg.secagg_shares, len(cohort))
     if len(cohort) < 3 or agg.secagg_threshold >= shares:
         log.warning("round %d: %d phones sampled, too few for SecAgg+ (threshold %d); skipped",
                     server_round, len(cohort), agg.secagg_threshold)
+        return SecureRound(None, 0)
+    if len(cohort) * agg.secagg_quant_range >= SECAGG_MODULUS:
+        log.warning("round %d: %d phones x aggregation.secagg_quant_range would overflow "
+                    "SecAgg+'s 2^32 modulus; skipped", server_round, len(cohort))
         return SecureRound(None, 0)
     fitins = FitIns(ndarrays_to_parameters(to_ndarrays(global_state)), dict(config))
     strategy = _OneRound(grid, cohort, fitins)
@@ -73,7 +99,7 @@ def secure_mean(grid: Grid, cohort: list[int], *, global_state: State, config: C
         {WorkflowKey.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
         {k: v.to(torch.float32) for k, v in global_state.items()})
-    workflow = SecAggPlusWorkflow(num_shares=shares,
+    workflow = _FlooredSecAggPlus(floor=floor, num_shares=shares,
                                   reconstruction_threshold=agg.secagg_threshold,
                                   max_weight=1.0,  # phones send weight 1: a uniform mean
                                   clipping_range=agg.secagg_clip_range,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import asdict
 from typing import Any
 
 from fedmilm.adapters.space import State
 from fedmilm.aggregation.user_dp import UserLevelDp
 from fedmilm.config.schema import FedMilmConfig
+from fedmilm.privacy.distributed import distributed_noise_for
 from fedmilm.privacy.tree import TreeAccountant, TreeNoise
 
 log = logging.getLogger("fedmilm.server")
@@ -28,7 +30,7 @@ class DpFtrl(UserLevelDp):
 
     kind = "dp-ftrl"
 
-    def __init__(self, cfg: FedMilmConfig) -> None:
+    def __init__(self, cfg: FedMilmConfig, coordinates: int | None = None) -> None:
         super().__init__(cfg)
         user = cfg.privacy.user
         assert user.min_separation is not None, "the separation is resolved before the run"
@@ -36,6 +38,10 @@ class DpFtrl(UserLevelDp):
         self.accountant = TreeAccountant(self.noise, self.separation, self.cap)
         self.tree = TreeNoise(self.random, std=self.update_noise * self.clip,
                               leaves_per_tree=self.separation)
+        self.distributed = None if coordinates is None else distributed_noise_for(
+            cfg, coordinates)
+        assert self.distributed is not None or not cfg.privacy.user.distributed_noise, \
+            "distributed noise needs the adapter's size"
         self.last_round: dict[int, int] = {}   # device -> the last round it was sent training
         self.participations: dict[int, int] = {}
 
@@ -76,15 +82,31 @@ class DpFtrl(UserLevelDp):
         noise = self.tree.next_step_noise(total)
         return {k: (v + noise[k]) / self.expected for k, v in total.items()}
 
-    def epsilon(self) -> float | None:
-        return self.accountant.epsilon(self.delta)
+    def epsilon(self, rounds: int | None = None) -> float:
+        """For readers of the outputs: the tree's guarantee, or the server's when tighter
+        (what they read is computed from what the server saw)."""
+        central = self.accountant.epsilon(self.delta, rounds)
+        server = self.epsilon_server(rounds)
+        return central if server is None else min(central, server)
+
+    def epsilon_server(self, rounds: int | None = None) -> float | None:
+        """The phones' Skellam noise alone, over the participations one phone can have had
+        (public: a function of the rounds, the separation and the cap)."""
+        if self.distributed is None:
+            return None
+        return self.distributed.epsilon(self.accountant.participations(rounds), self.delta)
 
     def epsilon_ahead(self) -> float:
-        return self.accountant.epsilon(self.delta, self.accountant.rounds + 1)
+        return self.epsilon(self.accountant.rounds + 1)
 
     def accountant_state(self) -> dict | None:
-        """Noise, separation, cap and rounds: epsilon follows in closed form (and rho-zCDP)."""
-        return {"delta": self.delta, **self.accountant.state_dict()}
+        """Noise, separation, cap and rounds: epsilon follows in closed form (and rho-zCDP);
+        with distributed noise its public parameters and epsilon against the server."""
+        state = {"delta": self.delta, **self.accountant.state_dict()}
+        if self.distributed is not None:
+            state["distributed"] = {**asdict(self.distributed),
+                                    "epsilon_server": self.epsilon_server()}
+        return state
 
     def _own_state(self) -> dict[str, Any]:
         return {"accountant": self.accountant.state_dict(),

@@ -52,6 +52,10 @@ class Aggregator(Protocol):
 
     def epsilon(self) -> float | None: ...
 
+    def epsilon_server(self) -> float | None:
+        """Epsilon against the server operator itself (distributed noise), None: no bound."""
+        ...
+
     def charge_lost_rounds(self, rounds: int) -> None:
         """Account `rounds` rounds whose state was lost but whose release may have happened."""
         ...
@@ -113,6 +117,9 @@ class FedAvg:
     def epsilon(self) -> float | None:
         return None
 
+    def epsilon_server(self) -> float | None:
+        return None
+
     def charge_lost_rounds(self, rounds: int) -> None:
         return None
 
@@ -127,14 +134,16 @@ class FedAvg:
             raise ValueError(f"checkpoint holds a {state.get('kind')!r} aggregator, not fedavg")
 
 
-def create_aggregator(cfg: FedMilmConfig) -> Aggregator:
-    """Under user-level DP the mechanism `privacy.user.mechanism` names, else plain `FedAvg`."""
+def create_aggregator(cfg: FedMilmConfig, coordinates: int | None = None) -> Aggregator:
+    """Under user-level DP the mechanism `privacy.user.mechanism` names, else plain `FedAvg`.
+    `coordinates`: numbers in the global adapter (needed with distributed noise)."""
     if not cfg.privacy.user_level:
         return FedAvg(cfg)
     from fedmilm.aggregation.dp_fedavg import DpFedAvg
     from fedmilm.aggregation.dp_ftrl import DpFtrl
 
-    return DpFtrl(cfg) if cfg.privacy.user.mechanism == "ftrl" else DpFedAvg(cfg)
+    return (DpFtrl(cfg, coordinates) if cfg.privacy.user.mechanism == "ftrl"
+            else DpFedAvg(cfg))
 
 
 def aggregate_all(aggregator: Aggregator, updates: list[State], num_examples: list[int],

@@ -82,6 +82,10 @@ class UserLevelDp(ABC):
     @abstractmethod
     def epsilon(self) -> float | None: ...
 
+    def epsilon_server(self) -> float | None:
+        """Against the server operator: no bound unless phones add noise (DP-FTRL overrides)."""
+        return None
+
     @abstractmethod
     def epsilon_ahead(self) -> float:
         """Epsilon if one more round ran (nothing is charged)."""

@@ -147,6 +147,25 @@ def check_model(cfg: FedMilmConfig) -> None:
             _exit_with(f"memory budget error: {err}")
     if cfg.privacy.user_level:
         check_signal(cfg, space.global_coordinates)
+        check_distributed(cfg, space.global_coordinates)
+
+
+def check_distributed(cfg: FedMilmConfig, coordinates: int) -> None:
+    """Refuse (exit 2, one line) a SecAgg+ range the phones' noise would overflow."""
+    from fedmilm.privacy.distributed import distributed_noise_for
+    from fedmilm.privacy.tree import TreeAccountant
+
+    noise = distributed_noise_for(cfg, coordinates)
+    if noise is None:
+        return
+    user = cfg.privacy.user
+    assert user.min_separation is not None, "the separation is resolved before the run"
+    participations = TreeAccountant(user.noise_multiplier or 0.0, user.min_separation,
+                                    user.max_participations).participations(
+                                        cfg.federation.rounds)
+    problem = noise.range_problem(participations, cfg.privacy.delta)
+    if problem is not None:
+        _exit_with(f"config error: {problem}")
 
 
 def user_level_plan(cfg: FedMilmConfig, coordinates: int) -> UserLevelPlan:

@@ -127,6 +127,7 @@ class UserPrivacyConfig:
     clip_count_noise: float | None = None   # None: max(clients_per_round / 20, sigma)
     max_noise_to_signal: float = MISSING    # a round's noise norm over the largest signal
     allow_swamped: bool = MISSING           # run although noise swamps the signal
+    distributed_noise: float | None = None  # SecAgg+ + ftrl: phones' Skellam noise std / clip
 
 
 @dataclass
@@ -137,6 +138,7 @@ class PhonePolicyConfig:
     min_sample_noise: float | None = None
     max_sample_epsilon: float | None = None
     min_user_noise: float | None = None
+    min_distributed_noise: float | None = None
     max_user_clip: float | None = None
     delta: float | None = None
     allow_seeded_noise: bool | None = None

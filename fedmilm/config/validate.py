@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from fedmilm.config.schema import FedMilmConfig
+from fedmilm.privacy.secagg_grid import FLOAT32_EXACT, SECAGG_MODULUS, is_power_of_two
 
 MODEL_SOURCES = ("smollm2", "llama-config", "hf")
 DATA_SOURCES = ("synthetic", "jsonl")
@@ -216,9 +217,32 @@ def _check_privacy(cfg: FedMilmConfig, problems: list[str]) -> None:
             if cfg.aggregation.secure:
                 problems.append("privacy.user.adaptive_clip=true needs each phone's clip count, "
                                 "which aggregation.secure=true does not aggregate; pick one")
+        if priv.user.distributed_noise is not None:
+            _check_distributed(cfg, problems)
         if cfg.federation.clients_per_round < 2:
             problems.append("federation.clients_per_round must be >= 2 with user-level DP: one "
                             "phone's update would be released with noise only")
+
+
+def _check_distributed(cfg: FedMilmConfig, problems: list[str]) -> None:
+    """Distributed noise rides on SecAgg+'s integer grid and on DP-FTRL's public participation
+    (the server withholds a sum with fewer shares than it charged: under Poisson sampling that
+    decision would depend on the secret cohort size)."""
+    user, agg = cfg.privacy.user, cfg.aggregation
+    _positive(problems, "privacy.user.distributed_noise", user.distributed_noise)
+    if not agg.secure:
+        problems.append("privacy.user.distributed_noise needs aggregation.secure=true: the "
+                        "phones' noise protects only what SecAgg+ hides")
+    if user.mechanism != "ftrl":
+        problems.append("privacy.user.distributed_noise needs privacy.user.mechanism=ftrl: the "
+                        "server withholds sums with too few shares, which under poisson would "
+                        "depend on the secret cohort size")
+    if not is_power_of_two(agg.secagg_clip_range) or not is_power_of_two(agg.secagg_quant_range):
+        problems.append("privacy.user.distributed_noise needs aggregation.secagg_clip_range and "
+                        "aggregation.secagg_quant_range to be powers of two (an exact grid)")
+    if agg.secagg_quant_range > FLOAT32_EXACT:
+        problems.append(f"aggregation.secagg_quant_range={agg.secagg_quant_range} must be <= "
+                        "2^24 with distributed noise (grid values exact in float32)")
 
 
 def _check_aggregation(cfg: FedMilmConfig, problems: list[str]) -> None:
@@ -257,6 +281,10 @@ def _check_aggregation(cfg: FedMilmConfig, problems: list[str]) -> None:
                             "cannot unmask fewer phones than its threshold")
         _positive(problems, "aggregation.secagg_clip_range", agg.secagg_clip_range)
         _positive(problems, "aggregation.secagg_quant_range", agg.secagg_quant_range)
+        if 2 * k * agg.secagg_quant_range > SECAGG_MODULUS:
+            problems.append(f"federation.clients_per_round={k} x aggregation.secagg_quant_range="
+                            f"{agg.secagg_quant_range} (x2 headroom) overflows SecAgg+'s 2^32 "
+                            "modulus: lower the quantisation range")
 
 
 def _check_deploy(cfg: FedMilmConfig, problems: list[str]) -> None:

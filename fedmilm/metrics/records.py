@@ -57,6 +57,7 @@ class RoundRecord:
                                    # row is in per_phone.jsonl.gz)
     seconds_train: float | None = None  # the training phase alone (send to last reply)
     clip_norm: float | None = None  # adaptive clipping: the user-level clip of this round
+    epsilon_server: float | None = None  # distributed noise: against the server operator
 
 
 DIAGNOSTICS_LABEL = ("simulator: per-phone values the virtual phones left on disk, outside the "
@@ -129,6 +130,8 @@ def format_progress(record: RoundRecord, total_rounds: int) -> str:
     if record.epsilon_user is not None or record.epsilon_sample_max is not None:
         privacy = (f" | eps user {fmt(record.epsilon_user)} sample-max "
                    f"{fmt(record.epsilon_sample_max)}")
+    if record.epsilon_server is not None:
+        privacy += f" server {fmt(record.epsilon_server)}"
     if record.seeded_noise:
         privacy += " | SEEDED DP NOISE (tests only)"
     skipped = " SKIPPED (adapter unchanged)" if record.skipped else ""

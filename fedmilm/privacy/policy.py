@@ -17,6 +17,7 @@ from pathlib import Path
 from fedmilm.config.schema import PrivacyConfig
 
 POLICY_FILE = "privacy_policy.json"
+OPTIONAL = {"min_distributed_noise"}  # added later: older policy files stay valid
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class PhonePolicy:
     max_user_clip: float | None        # user-level clip norm it accepts at most
     delta: float                       # the delta its ledger accounts at; the run's must be <=
     allow_seeded_noise: bool           # reproducible DP randomness (simulation tests only)
+    min_distributed_noise: float = 0.0  # phones' own noise (protection from the server itself)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -40,8 +42,9 @@ class PhonePolicy:
         try:
             raw = json.loads(text)
             fields = {f.name for f in dataclasses.fields(PhonePolicy)}
-            if not isinstance(raw, dict) or set(raw) != fields:
-                raise ValueError(f"needs exactly the keys {sorted(fields)}")
+            if not isinstance(raw, dict) or not fields - OPTIONAL <= set(raw) <= fields:
+                raise ValueError(f"needs exactly the keys {sorted(fields)} "
+                                 f"({', '.join(sorted(OPTIONAL))} optional)")
             return PhonePolicy(**raw)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: not a valid privacy policy ({err})") from err
@@ -61,6 +64,10 @@ class PhonePolicy:
             noise = privacy.user.noise_multiplier or 0.0
             if noise < self.min_user_noise:
                 return f"user-level noise {noise:g} < the phone's minimum {self.min_user_noise:g}"
+            distributed = privacy.user.distributed_noise or 0.0
+            if distributed < self.min_distributed_noise:
+                return (f"distributed noise {distributed:g} < the phone's minimum "
+                        f"{self.min_distributed_noise:g}")
             if self.max_user_clip is not None and privacy.user.clip_norm > self.max_user_clip:
                 return (f"user-level clip {privacy.user.clip_norm:g} > the phone's maximum "
                         f"{self.max_user_clip:g}")
@@ -95,7 +102,9 @@ def policy_for_run(privacy: PrivacyConfig) -> PhonePolicy:
         # an adapted clip moves the noise with it (epsilon stays): no cap unless one is set
         max_user_clip=pick(phone.max_user_clip, None if user.adaptive_clip else user.clip_norm),
         delta=float(pick(phone.delta, privacy.delta)),
-        allow_seeded_noise=bool(pick(phone.allow_seeded_noise, privacy.seeded_noise)))
+        allow_seeded_noise=bool(pick(phone.allow_seeded_noise, privacy.seeded_noise)),
+        min_distributed_noise=float(pick(phone.min_distributed_noise,
+                                         user.distributed_noise or 0.0)))
 
 
 def write_phone_policy(privacy: PrivacyConfig, folder: Path) -> None:
