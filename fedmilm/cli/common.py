@@ -19,7 +19,9 @@ from fedmilm.devices.availability import TraceFormatError, availability_for
 from fedmilm.metrics import read_records
 from fedmilm.model import smollm2
 from fedmilm.privacy.calibrate import resolve_privacy
+from fedmilm.privacy.distributed import DistributedNoise, distributed_noise_for
 from fedmilm.privacy.plan import UserLevelPlan, plan_user_level, swamp_warning
+from fedmilm.privacy.tree import default_separation, ftrl_participations
 from fedmilm.training.device import DeviceError, resolve_device
 
 log = logging.getLogger("fedmilm")
@@ -150,20 +152,25 @@ def check_model(cfg: FedMilmConfig) -> None:
         check_distributed(cfg, space.global_coordinates)
 
 
-def check_distributed(cfg: FedMilmConfig, coordinates: int) -> None:
-    """Refuse (exit 2, one line) a SecAgg+ range the phones' noise would overflow."""
-    from fedmilm.privacy.distributed import distributed_noise_for
-    from fedmilm.privacy.tree import TreeAccountant
-
+def planned_distributed(cfg: FedMilmConfig,
+                        coordinates: int) -> tuple[DistributedNoise, int] | None:
+    """The run's distributed noise and the most rounds one phone can train in (None: off)."""
     noise = distributed_noise_for(cfg, coordinates)
     if noise is None:
-        return
+        return None
     user = cfg.privacy.user
-    assert user.min_separation is not None, "the separation is resolved before the run"
-    participations = TreeAccountant(user.noise_multiplier or 0.0, user.min_separation,
-                                    user.max_participations).participations(
-                                        cfg.federation.rounds)
-    problem = noise.range_problem(participations, cfg.privacy.delta)
+    separation = user.min_separation or default_separation(cfg.federation.num_clients,
+                                                           cfg.federation.clients_per_round)
+    return noise, ftrl_participations(cfg.federation.rounds, separation,
+                                      user.max_participations)
+
+
+def check_distributed(cfg: FedMilmConfig, coordinates: int) -> None:
+    """Refuse (exit 2, one line) a SecAgg+ range the phones' noise would overflow."""
+    planned = planned_distributed(cfg, coordinates)
+    if planned is None:
+        return
+    problem = planned[0].range_problem(planned[1], cfg.privacy.delta)
     if problem is not None:
         _exit_with(f"config error: {problem}")
 
@@ -178,7 +185,8 @@ def user_level_plan(cfg: FedMilmConfig, coordinates: int) -> UserLevelPlan:
                            target_epsilon=user.target_epsilon,
                            noise_multiplier=user.noise_multiplier, mechanism=user.mechanism,
                            min_separation=user.min_separation,
-                           max_participations=user.max_participations)
+                           max_participations=user.max_participations,
+                           distributed_noise=user.distributed_noise or 0.0)
 
 
 def check_signal(cfg: FedMilmConfig, coordinates: int) -> None:

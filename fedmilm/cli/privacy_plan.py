@@ -21,14 +21,21 @@ quiet_offline_env()
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from fedmilm.cli.common import CONFIG_DIR, load_or_exit, user_level_plan  # noqa: E402
+from fedmilm.cli.common import (  # noqa: E402
+    CONFIG_DIR,
+    load_or_exit,
+    planned_distributed,
+    user_level_plan,
+)
 from fedmilm.privacy.plan import UserLevelPlan, smallest_useful_cohort  # noqa: E402
 from fedmilm.server.federation import run_space  # noqa: E402
 
 
 def report(plan: UserLevelPlan, *, clip: float, accountant: str, target: float | None,
-           useful: int | None | str, max_ratio: float = 1.0) -> list[str]:
-    """The planner's lines (pure, so tests read exactly what users read)."""
+           useful: int | None | str, max_ratio: float = 1.0,
+           server: tuple[float, int] | None = None) -> list[str]:
+    """The planner's lines (pure, so tests read exactly what users read). `server`: with
+    distributed noise, (epsilon against the server, the fewest shares it unmasks)."""
     swamped = plan.noise_to_signal > max_ratio
     if plan.mechanism == "ftrl":
         cap = plan.max_participations
@@ -52,6 +59,10 @@ def report(plan: UserLevelPlan, *, clip: float, accountant: str, target: float |
         f"noise std per coordinate in the model after round {plan.rounds}: "
         f"{plan.model_noise_over_clip:.3g} x C",
     ]
+    if server is not None:
+        lines.insert(3, f"phones' own noise {plan.distributed_noise:.4g} x C per round under "
+                        f"SecAgg+ -> epsilon {server[0]:.3g} against the server itself (at least "
+                        f"{server[1]} shares unmasked; readers of the outputs: the smaller one)")
     if isinstance(useful, str):
         lines.append(useful)
     elif useful is None:
@@ -72,7 +83,11 @@ def _main(raw: DictConfig) -> None:
         print("fedmilm: config error: set privacy.user.target_epsilon or "
               "privacy.user.noise_multiplier", file=sys.stderr)
         sys.exit(2)
-    plan = user_level_plan(cfg, run_space(cfg).global_coordinates)
+    coordinates = run_space(cfg).global_coordinates
+    plan = user_level_plan(cfg, coordinates)
+    planned = planned_distributed(cfg, coordinates)
+    server = None if planned is None else (
+        planned[0].epsilon(planned[1], cfg.privacy.delta), planned[0].floor)
     useful: int | None | str
     limit = user.max_noise_to_signal
     if plan.noise_to_signal <= limit:
@@ -81,7 +96,8 @@ def _main(raw: DictConfig) -> None:
         useful = smallest_useful_cohort(plan, target_epsilon=plan.epsilon,
                                         accountant=cfg.privacy.accountant, max_ratio=limit)
     for line in report(plan, clip=user.clip_norm, accountant=cfg.privacy.accountant,
-                       target=user.target_epsilon, useful=useful, max_ratio=limit):
+                       target=user.target_epsilon, useful=useful, max_ratio=limit,
+                       server=server):
         print(line)
 
 

@@ -35,20 +35,27 @@ class UserLevelPlan:
     coordinates: int            # numbers in the global part of the adapter
     min_separation: int | None = None      # ftrl: rounds per tree
     max_participations: int | None = None  # ftrl
+    distributed_noise: float = 0.0         # phones' noise std of a round (/ C), fresh per round
 
     @property
     def sample_rate(self) -> float:
         return self.cohort / self.population
 
     @property
+    def round_noise(self) -> float:
+        """A round's fresh noise std over C: the server's (or the new tree node's) and the
+        phones' shares together."""
+        return math.hypot(self.noise_multiplier, self.distributed_noise)
+
+    @property
     def noise_std_over_clip(self) -> float:
         """Per-coordinate std of a round's fresh noise in the released mean, over the clip."""
-        return self.noise_multiplier / self.cohort
+        return self.round_noise / self.cohort
 
     @property
     def noise_to_signal(self) -> float:
         """Noise norm over the largest possible signal norm (C): at least this much noise."""
-        return self.noise_multiplier * math.sqrt(self.coordinates) / self.cohort
+        return self.round_noise * math.sqrt(self.coordinates) / self.cohort
 
     @property
     def model_noise_over_clip(self) -> float:
@@ -60,7 +67,8 @@ class UserLevelPlan:
             assert self.min_separation is not None
             full, rest = divmod(self.rounds, self.min_separation)
             draws = full * self.min_separation.bit_count() + rest.bit_count()
-        return self.noise_std_over_clip * math.sqrt(draws)
+        variance = draws * self.noise_multiplier**2 + self.rounds * self.distributed_noise**2
+        return math.sqrt(variance) / self.cohort  # the phones' noise is fresh every round
 
 
 def _epsilon(mechanism: str, *, population: int, cohort: int, rounds: int, delta: float,
@@ -81,7 +89,8 @@ def plan_user_level(*, population: int, cohort: int, rounds: int, delta: float,
                     coordinates: int, accountant: str, target_epsilon: float | None = None,
                     noise_multiplier: float | None = None, mechanism: str = "poisson",
                     min_separation: int | None = None,
-                    max_participations: int | None = None) -> UserLevelPlan:
+                    max_participations: int | None = None,
+                    distributed_noise: float = 0.0) -> UserLevelPlan:
     """The plan for a fixed noise multiplier, or for the one that meets `target_epsilon`
     (`ValueError` when none does). `min_separation` None: N // m (ftrl)."""
     separation = None
@@ -105,7 +114,8 @@ def plan_user_level(*, population: int, cohort: int, rounds: int, delta: float,
     return UserLevelPlan(mechanism=mechanism, population=population, cohort=cohort,
                          rounds=rounds, delta=delta, noise_multiplier=noise_multiplier,
                          epsilon=epsilon, coordinates=coordinates, min_separation=separation,
-                         max_participations=max_participations)
+                         max_participations=max_participations,
+                         distributed_noise=distributed_noise)
 
 
 def smallest_useful_cohort(plan: UserLevelPlan, *, target_epsilon: float, accountant: str,
@@ -116,9 +126,13 @@ def smallest_useful_cohort(plan: UserLevelPlan, *, target_epsilon: float, accoun
 
     A cohort m is useful exactly when the largest noise that keeps the ratio in bounds,
     sigma_max = max_ratio m / sqrt(d), still meets the target (epsilon falls as sigma grows):
-    one accountant evaluation per m, no calibration. Bisection: larger cohorts only help."""
+    one accountant evaluation per m, no calibration. Bisection: larger cohorts only help.
+    The phones' noise (distributed) keeps its total std and takes its part of that room."""
     def useful(cohort: int) -> bool:
-        sigma = max_ratio * cohort / math.sqrt(plan.coordinates)
+        room = (max_ratio * cohort / math.sqrt(plan.coordinates)) ** 2 - plan.distributed_noise**2
+        if room <= 0:
+            return False
+        sigma = math.sqrt(room)
         separation = plan.min_separation if fixed_separation else None
         return _epsilon(plan.mechanism, population=plan.population, cohort=cohort,
                         rounds=plan.rounds, delta=plan.delta, noise=sigma,
@@ -151,5 +165,7 @@ def swamp_warning(plan: UserLevelPlan, *, accountant: str,
                   f"{plan.epsilon:.3g}: more phones, fewer rounds or a larger epsilon")
     return (f"the noise swamps the signal: noise-to-signal norm ratio >= "
             f"{plan.noise_to_signal:.3g} each round, above privacy.user.max_noise_to_signal="
-            f"{max_ratio:g} (sigma {plan.noise_multiplier:.3g}, cohort {plan.cohort}, "
+            f"{max_ratio:g} (sigma {plan.noise_multiplier:.3g}"
+            + (f", phones' {plan.distributed_noise:.3g}" if plan.distributed_noise else "")
+            + f", cohort {plan.cohort}, "
             f"{plan.coordinates:,} coordinates); {where}")

@@ -188,3 +188,18 @@ def test_a_phone_declines_a_run_with_less_distributed_noise_than_its_policy():
     older = policy_for_run(cfg.privacy).to_json().replace(', "min_distributed_noise": 0.5', "")
     assert "min_distributed_noise" not in older  # a policy file from before this setting
     assert PhonePolicy.from_json(older, "old.json").min_distributed_noise == 0.0
+
+
+def test_a_run_whose_range_the_noise_would_overflow_stops_with_one_line(capsys):
+    from fedmilm.cli.common import check_distributed
+
+    loud = resolve_privacy(tiny_config(*DISTRIBUTED, "privacy.user.distributed_noise=5"))
+    with pytest.raises(SystemExit) as stopped:
+        check_distributed(loud, coordinates=20_000)
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1
+    assert "aggregation.secagg_clip_range=8 is too narrow" in err
+    named = err.rsplit("use ", 1)[1]
+    wide = resolve_privacy(tiny_config(*DISTRIBUTED, "privacy.user.distributed_noise=5",
+                                       f"aggregation.secagg_clip_range={named}"))
+    check_distributed(wide, coordinates=20_000)  # the range it named fits

@@ -86,6 +86,36 @@ def test_the_ftrl_plan_meets_its_target_and_names_a_cohort_it_checks():
     assert epsilon_at_ratio_one(cohort) <= 8.0 < epsilon_at_ratio_one(cohort - 1)
 
 
+def test_the_phones_noise_counts_in_the_plan_and_the_cohort_it_names():
+    """Distributed noise is fresh every round: it adds to a round's noise and to all T rounds'
+    noise in the model, and the named cohort leaves room for it under the ratio."""
+    from fedmilm.privacy.tree import TreeAccountant
+
+    population, d, rounds = 4000, 50_000, 40
+    common = dict(population=population, cohort=20, rounds=rounds, delta=1e-6, coordinates=d,
+                  accountant="rdp", noise_multiplier=3.0, mechanism="ftrl")
+    plain, both = plan_user_level(**common), plan_user_level(**common, distributed_noise=4.0)
+    assert both.noise_to_signal == pytest.approx(plain.noise_to_signal * 5 / 3)  # hypot(3, 4)
+    tree_draws = bin(rounds % 200).count("1")  # one tree of 200 leaves, 40 rounds in
+    assert both.model_noise_over_clip == pytest.approx(
+        math.sqrt(tree_draws * 9 + rounds * 16) / 20)
+    cohort = smallest_useful_cohort(both, target_epsilon=plain.epsilon, accountant="rdp")
+    assert cohort is not None
+
+    def central_room(m: int) -> float:  # the largest tree noise the ratio 1 leaves
+        return math.sqrt(max((m / math.sqrt(d)) ** 2 - 16, 1e-300))
+
+    def meets(m: int) -> bool:
+        return (m / math.sqrt(d)) ** 2 > 16 and TreeAccountant(
+            central_room(m), population // m, None).epsilon(1e-6, rounds) <= plain.epsilon
+
+    assert meets(cohort) and not meets(cohort - 1)
+    lines = report(both, clip=1.0, accountant="rdp", target=None, useful=cohort,
+                   server=(2.5, 15))
+    assert any("epsilon 2.5 against the server itself (at least 15 shares" in line
+               for line in lines)
+
+
 def test_simulate_refuses_a_swamped_run_naming_the_cohort_and_the_override(capsys):
     from fedmilm.cli.common import check_signal
     from fedmilm.privacy.calibrate import resolve_privacy
