@@ -43,6 +43,10 @@ def quiet_logs() -> None:
                             category=UserWarning)
     for noisy in ("alembic", "urllib3", "filelock"):  # INFO chatter under Hydra's root logger
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Flower's logger passes DEBUG records on (SecAgg+ logs every protocol stage of every phone),
+    # and Ray workers print them through the root logger. Flower resets the level when it is
+    # first imported, so `quiet_offline_env` (called after it) lowers it again.
+    logging.getLogger("flwr").setLevel(logging.INFO)
     # torchao (pulled in by ExecuTorch, imported by peft) warns that its CUDA kernels do not
     # load on this CPU build, and torch warns about its pytree registrations, on every import.
     for noisy in ("torchao", "torch.utils._pytree"):

@@ -35,7 +35,7 @@ class _OneRound(LegacyFedAvg):
     """Sends one FitIns to a fixed cohort and keeps the unmasked mean SecAgg+ hands back."""
 
     def __init__(self, grid: Grid, cohort: list[int], fitins: FitIns) -> None:
-        super().__init__(min_fit_clients=1, min_available_clients=1)
+        super().__init__(min_fit_clients=1, min_evaluate_clients=1, min_available_clients=1)
         self.grid, self.cohort, self.fitins = grid, cohort, fitins
         self.mean: list[np.ndarray] | None = None
         self.count = 0
