@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedmilm.config.schema import ArchitectureConfig, LoraConfig, ModelConfig
 from fedmilm.model import load_base_model, load_tokenizer
+from fedmilm.model.quantize import quantize_frozen_base
 
 State = dict[str, torch.Tensor]
 
@@ -115,6 +116,7 @@ def build_adapter_space(model_cfg: ModelConfig, lora_cfg: LoraConfig, *, mode: s
         for name in names[1:]:
             model.add_adapter(name, peft_cfg)
     model.base_model.set_adapter(list(names))  # all adapters active and trainable together
+    quantize_frozen_base(model, model_cfg.quantization)
     frozen = tuple(k for k, p in model.named_parameters()
                    if p.requires_grad and lora_cfg.variant == "ffa" and ".lora_A." in k)
     for key, param in model.named_parameters():

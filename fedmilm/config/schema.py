@@ -31,6 +31,7 @@ class ModelConfig:
     name: str = MISSING
     path: str | None = None
     dtype: str = MISSING
+    quantization: str = MISSING  # none | int8 | nf4: the frozen base's decoder linears
     cache_dir: str = MISSING
     architecture: ArchitectureConfig | None = None
 

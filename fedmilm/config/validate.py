@@ -17,6 +17,7 @@ ACCOUNTANT_NAMES = ("prv", "rdp")
 USER_MECHANISMS = ("poisson", "ftrl")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 DTYPES = ("float32", "bfloat16")
+QUANTIZATIONS = ("none", "int8", "nf4")
 AGGREGATION_METHODS = ("fedavg", "trimmed_mean", "median", "krum")
 AVAILABILITY = ("always", "synthetic", "trace")
 RUNTIMES = ("eager", "executorch")
@@ -47,6 +48,7 @@ def _check_model(cfg: FedMilmConfig, problems: list[str]) -> None:
     model = cfg.model
     _choice(problems, "model.source", model.source, MODEL_SOURCES)
     _choice(problems, "model.dtype", model.dtype, DTYPES)
+    _choice(problems, "model.quantization", model.quantization, QUANTIZATIONS)
     if model.source == "hf":
         if not model.path:
             problems.append("model.path is missing; model=hf needs model.path=DIR (a local "
@@ -139,6 +141,9 @@ def _check_client(cfg: FedMilmConfig, problems: list[str]) -> None:
             problems.append("client.runtime=executorch: the exported program fixes its memory "
                             "plan at export; set client.micro_batch instead of "
                             "client.memory_budget_mb / client.gradient_checkpointing")
+        if cfg.model.quantization != "none":
+            problems.append(f"model.quantization={cfg.model.quantization} is eager-only so far: "
+                            "the ExecuTorch programs carry a float base; use client.runtime=eager")
     if client.export_dir and client.runtime != "executorch":
         problems.append("client.export_dir only applies with client.runtime=executorch")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fedmilm.config.schema import FedMilmConfig
+from fedmilm.model.quantize import QuantizedLinear, stored_bytes
 
 MIB = 2**20
 RUNTIME_BYTES = 512 * MIB  # Python + torch + transformers + peft + opacus: 424 MiB measured
@@ -64,7 +65,7 @@ def estimate_peak_bytes(model: torch.nn.Module, *, micro_batch: int, seq_len: in
     """
     hidden, inter, layers, vocab = _shapes(model)
     act = model.get_input_embeddings().weight.element_size()  # the frozen base's dtype
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
     layer = (15 * hidden + 4 * inter) * act
     per_token = (hidden * act * layers + layer if checkpointing else layer * layers)
@@ -74,7 +75,18 @@ def estimate_peak_bytes(model: torch.nn.Module, *, micro_batch: int, seq_len: in
     tokens = micro_batch * seq_len
     per_example = 2 * trainable * micro_batch if dp else 0
     return int(RUNTIME_BYTES + weights + 3 * trainable + per_example
-               + SAFETY * per_token * tokens)
+               + SAFETY * per_token * tokens + _dequantized_layer(model, act))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's weights hold (a quantized base counts at its stored size)."""
+    return sum(stored_bytes(p) for p in model.parameters())
+
+
+def _dequantized_layer(model: torch.nn.Module, act: int) -> int:
+    """A quantized base dequantizes one linear at a time (forward and backward): the largest."""
+    return max((m.in_features * m.out_features * act for m in model.modules()
+                if isinstance(m, QuantizedLinear)), default=0)
 
 
 def plan_memory(model: torch.nn.Module, *, budget_mb: float | None, batch_size: int,
@@ -99,12 +111,12 @@ def plan_memory(model: torch.nn.Module, *, budget_mb: float | None, batch_size: 
                 return MemoryPlan(rows, on, need)
     smallest = estimate_peak_bytes(model, micro_batch=1, seq_len=seq_len,
                                    checkpointing=choices[-1], dp=dp)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     raise MemoryBudgetError(
         f"client.memory_budget_mb={budget_mb:g} is too small: even micro-batch 1 "
         f"{'with' if choices[-1] else 'without'} gradient checkpointing needs an estimated "
         f"{smallest / MIB:.0f} MiB (model weights alone {weights / MIB:.0f} MiB, sequence length "
-        f"{seq_len}); raise the budget, shorten data.max_length, use a bfloat16 base"
+        f"{seq_len}); raise the budget, shorten data.max_length, use a bfloat16 or quantized base"
         + (" or allow client.gradient_checkpointing=auto" if checkpointing == "off" else ""))
 
 

@@ -1,0 +1,110 @@
+"""A quantized frozen base: int8 weight-only per output channel, or NF4 as in QLoRA (torchao).
+
+Phones that fine-tune 1-2B models keep the frozen base quantized and train only the adapter.
+`quantize_frozen_base` replaces every frozen linear layer of the decoder blocks (LoRA's base
+layers included) by a `QuantizedLinear` holding torchao's quantized weight; embeddings, norms and
+the LM head stay in `model.dtype` (SmolLM2 ties the head to the embeddings), LoRA tensors stay
+float32.
+
+Training needs gradients with respect to each layer's input through its frozen weight. torchao's
+int8 linear saves a dequantized copy of the weight for the backward pass, which would keep a
+float copy of every layer alive from forward to backward; `QuantizedLinear` saves the quantized
+tensor and dequantizes it again in backward (as torchao's own NF4 linear does), so a step holds
+one float layer at a time. Opacus's per-example hooks sit on the LoRA layers only, and
+re-entrant checkpointing simply recomputes through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization import Int8Tensor, NF4Tensor, PerRow
+
+from fedmilm.config.validate import QUANTIZATIONS
+
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's blocks: 64 weights per scale, 256 scales per
+                                       # second-level scale
+
+
+def scaler_block(scalers: int) -> int:
+    """QLoRA's 256 scales per second-level scale, or the largest divisor of `scalers` below it
+    (torchao needs whole blocks: 576 x 576 weights have 5,184 scales, so 192)."""
+    return max(d for d in range(1, min(NF4_SCALER_BLOCK, scalers) + 1) if scalers % d == 0)
+
+
+def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight a quantized tensor stands for."""
+    if isinstance(weight, NF4Tensor):
+        return weight.get_original_weight().to(dtype)
+    return weight.dequantize(dtype)
+
+
+class _DequantizingLinear(torch.autograd.Function):
+    """y = x W^T + b for a frozen quantized W, saving W quantized (not its float copy)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # noqa: ANN001
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, _dense(weight, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (weight,) = ctx.saved_tensors
+        grad_x = grad @ _dense(weight, grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight lives quantized (int8 or NF4)."""
+
+    def __init__(self, linear: nn.Linear, method: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        if method == "int8":
+            quantized = Int8Tensor.from_hp(weight, granularity=PerRow())
+        elif method == "nf4":
+            quantized = NF4Tensor.from_tensor(weight, NF4_BLOCK,
+                                              scaler_block(weight.numel() // NF4_BLOCK))
+        else:
+            raise ValueError(f"unknown quantization {method!r}; use one of {QUANTIZATIONS}")
+        self.weight = nn.Parameter(quantized, requires_grad=False)
+        self.bias = (None if linear.bias is None
+                     else nn.Parameter(linear.bias.detach(), requires_grad=False))
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantizingLinear.apply(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.method}"
+
+
+def quantizable(name: str, module: nn.Module) -> bool:
+    """A frozen linear layer of the decoder blocks (not a LoRA tensor, not the LM head)."""
+    return (type(module) is nn.Linear and not module.weight.requires_grad
+            and ".layers." in f".{name}." and "lora_" not in name)
+
+
+def quantize_frozen_base(model: nn.Module, method: str) -> int:
+    """Quantize the frozen decoder linears of `model` in place; the number replaced."""
+    if method == "none":
+        return 0
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {method!r}; use one of {QUANTIZATIONS}")
+    targets = [(name, module) for name, module in model.named_modules()
+               if quantizable(name, module)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, QuantizedLinear(module, method))
+    return len(targets)
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really holds: a quantized tensor's inner data, not its nominal dtype."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
