@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -14,6 +19,7 @@ from fedmilm.config import FedMilmConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "BENCHMARKS.md"
+SIMULATE = [sys.executable, "-c", "from fedmilm.cli.simulate import main; main()"]
 
 
 def config(overrides: list[str]) -> FedMilmConfig:
@@ -40,3 +46,17 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text}\n{block}\n"
     REPORT.write_text(text)
+
+
+def last_round(overrides: list[str]) -> dict:
+    """Run one `fedmilm-simulate` federation in a temporary folder; its last round's record
+    (plus `wall_s`)."""
+    with tempfile.TemporaryDirectory(prefix="fedmilm-bench-") as tmp:
+        run_dir = Path(tmp) / "run"
+        started = time.perf_counter()
+        done = subprocess.run([*SIMULATE, *overrides, f"hydra.run.dir={run_dir}"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(overrides)}: {done.stderr.strip()[-600:]}")
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {**rows[-1], "wall_s": time.perf_counter() - started}

@@ -25,17 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from _common import ROOT, config, machine, write_section
+from _common import ROOT, config, last_round, machine, write_section
 
 from fedmilm.privacy.plan import plan_user_level, smallest_useful_cohort
 
-SIMULATE = [sys.executable, "-c", "from fedmilm.cli.simulate import main; main()"]
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = ["personalization=none"]  # the global adapter carries everything learnt
 VARIANTS = {  # name -> (mechanism, extra overrides)
@@ -47,19 +43,6 @@ VARIANTS = {  # name -> (mechanism, extra overrides)
 }
 TARGET_EPSILON = 8.0
 POPULATIONS = (10_000, 100_000, 1_000_000, 10_000_000)
-
-
-def simulate(overrides: list[str]) -> dict:
-    """One federation; the last round's record."""
-    with tempfile.TemporaryDirectory(prefix="fedmilm-utility-") as tmp:
-        run_dir = Path(tmp) / "run"
-        started = time.perf_counter()
-        done = subprocess.run([*SIMULATE, *BASE, *overrides, f"hydra.run.dir={run_dir}"],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(overrides)}: {done.stderr.strip()[-600:]}")
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return {**rows[-1], "wall_s": time.perf_counter() - started}
 
 
 def runs(grid: list[float], cohort: int, only: list[str]) -> dict[str, list[str]]:
@@ -188,7 +171,7 @@ def main() -> None:
         if key in results or args.report_only:
             continue
         print(f"[{i}/{len(plan)}] {key} ...", flush=True)
-        results[key] = simulate([*overrides, *extra])
+        results[key] = last_round([*BASE, *overrides, *extra])
         print(f"    loss_global {results[key]['loss_global']:.3f} "
               f"({results[key]['wall_s']:.0f} s)", flush=True)
         store.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ batch of 8. Each row also shows the planner's estimate, to check it stays above 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
@@ -62,6 +63,9 @@ def child(args: argparse.Namespace, overrides: list[str]) -> None:
     estimate = estimate_peak_bytes(model, micro_batch=micro, seq_len=args.seq,
                                    checkpointing=ckpt, dp=args.dp)
     examples = _examples(args.batch * (args.steps + 1), args.seq, len(space.tokenizer))
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gc.collect()
+    _reset_peak()  # from here on the peak is the training steps' (the base as it is held)
     times, tokens = [], []
     with gradient_checkpointing(model, ckpt):
         for step in range(args.steps + 1):
@@ -74,10 +78,24 @@ def child(args: argparse.Namespace, overrides: list[str]) -> None:
             if step and stats.tokens:  # step 0 warms up
                 times.append(stats.seconds)
                 tokens.append(stats.tokens)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"micro": micro, "checkpointing": ckpt, "dp": args.dp, "rss": rss,
-                      "estimate": estimate,
+    print(json.dumps({"micro": micro, "checkpointing": ckpt, "dp": args.dp,
+                      "rss": max(load_peak, _peak()), "step_rss": _peak(),
+                      "load_rss": load_peak, "estimate": estimate,
+                      "quantization": cfg.model.quantization,
                       "tokens_per_s": median([n / t for n, t in zip(tokens, times, strict=True)])}))
+
+
+def _reset_peak() -> None:
+    """Linux: restart this process's peak-RSS mark at its current RSS."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def _peak() -> int:
+    """This process's peak RSS since the last reset, in bytes (VmHWM)."""
+    with open("/proc/self/status") as status:
+        line = next(x for x in status if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def _run(argv: list[str]) -> dict:
@@ -97,10 +115,15 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--dp", action="store_true")
     parser.add_argument("--child", action="store_true")
+    parser.add_argument("--quantized", action="store_true",
+                        help="compare model.quantization=none|int8|nf4 instead")
     args, overrides = parser.parse_known_args()
     overrides = overrides or ["model=milm-1.3b"]
     if args.child:
         child(args, overrides)
+        return
+    if args.quantized:
+        quantized(args, overrides)
         return
     budget = args.budget_mb or 3584
     base = ["--steps", str(args.steps), "--seq", str(args.seq)]
@@ -135,6 +158,46 @@ def main() -> None:
                      f"{'yes' if r['dp'] else 'no'} | {r['rss'] / GIB:.2f} | "
                      f"{r['estimate'] / GIB:.2f} | {r['tokens_per_s']:.1f} |")
     write_section("memory-budget-milm-1.3b", "\n".join(lines))
+    print("\n".join(lines))
+
+
+def quantized(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Rows: quantization x (checkpointing off without DP, on with DP) at batch 2."""
+    rows = []
+    started = time.perf_counter()
+    for method in ("none", "int8", "nf4"):
+        for ckpt, dp in ((False, False), (True, True)):
+            flags = ["--steps", str(args.steps), "--seq", str(args.seq), "--batch", "2",
+                     *(["--checkpointing"] if ckpt else []), *(["--dp"] if dp else [])]
+            rows.append(_run([*flags, *overrides, f"model.quantization={method}"]))
+            print(rows[-1], flush=True)
+    lines = [
+        "## Quantized frozen base: one client step at `milm-1.3b` scale",
+        "",
+        f"Command: `python benchmarks/memory_budget.py --quantized --steps {args.steps} "
+        f"{' '.join(overrides)}` (base built in bf16, then its decoder linears quantized: int8 "
+        f"weight-only per output channel or NF4, torchao; LoRA r=8 on q_proj/v_proj in fp32, "
+        f"{args.seq}-token rows, batch 2, AdamW; DP = Opacus hooks). Machine: {machine()}. Each "
+        "row is a fresh process. *Step peak*: the largest RSS while training (the process's "
+        "peak mark is reset once the base is built), i.e. what a phone holding this base needs; "
+        "*load peak*: building it here, where the bf16 base exists before it is quantized (a "
+        "phone would receive the base already quantized). Tokens/s: median of "
+        f"{args.steps} steps after a warm-up, side by side in one run. Total "
+        f"{time.perf_counter() - started:.0f} s.",
+        "",
+        "| quantization | checkpointing | DP | step peak GiB | estimate GiB | load peak GiB "
+        "| tokens/s | vs none |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    speed = {(r["checkpointing"], r["dp"]): r["tokens_per_s"] for r in rows
+             if r["quantization"] == "none"}
+    for r in rows:
+        lines.append(f"| {r['quantization']} | {'on' if r['checkpointing'] else 'off'} | "
+                     f"{'yes' if r['dp'] else 'no'} | {r['step_rss'] / GIB:.2f} | "
+                     f"{r['estimate'] / GIB:.2f} | {r['load_rss'] / GIB:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | "
+                     f"{r['tokens_per_s'] / speed[(r['checkpointing'], r['dp'])]:.2f}x |")
+    write_section("memory-budget-quantized", "\n".join(lines))
     print("\n".join(lines))
 
 
