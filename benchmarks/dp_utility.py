@@ -40,6 +40,9 @@ VARIANTS = {  # name -> (mechanism, extra overrides)
     "poisson-ffa": ("poisson", ["lora.variant=ffa"]),
     "ftrl-ffa": ("ftrl", ["lora.variant=ffa"]),
     "poisson-adaptive": ("poisson", ["privacy.user.adaptive_clip=true"]),
+    # half the noise variance from the phones' Skellam shares under SecAgg+, half from the tree
+    "ftrl-distributed": ("ftrl", ["aggregation.secure=true", "aggregation.secagg_shares=3",
+                                  "aggregation.secagg_threshold=2", "federation.min_replies=3"]),
 }
 TARGET_EPSILON = 8.0
 POPULATIONS = (10_000, 100_000, 1_000_000, 10_000_000)
@@ -52,6 +55,9 @@ def runs(grid: list[float], cohort: int, only: list[str]) -> dict[str, list[str]
         mechanism, extra = VARIANTS[name]
         for z in (0.0, *grid):
             sigma = max(z * cohort, 1e-9)  # z = 0: clipped, equal weights, no noise to speak of
+            if name.endswith("-distributed"):  # the same fresh noise per round, split in two
+                sigma /= math.sqrt(2)
+                extra = [*extra, f"privacy.user.distributed_noise={sigma:.6g}"]
             plan[f"{name}@{z:g}"] = ["privacy=user", f"privacy.user.mechanism={mechanism}",
                                      f"privacy.user.noise_multiplier={sigma:.6g}",
                                      "privacy.user.target_epsilon=null",

@@ -72,12 +72,14 @@ def plot_clients(phones: list[dict], server_round: int, path: Path) -> Path:
 
 
 def plot_privacy(records: list[dict], path: Path) -> Path:
-    """Cumulative epsilon per round: user-level (server) and worst phone's sample-level."""
+    """Cumulative epsilon per round: user-level (against readers of the outputs, and against the
+    server itself under distributed noise) and the worst phone's sample-level."""
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [r["round"] for r in records]
-    for key, label in (("epsilon_user", "user-level (server)"),
+    for key, label in (("epsilon_user", "user-level, readers of the outputs"),
+                       ("epsilon_server", "user-level, the server itself (phones' noise)"),
                        ("epsilon_sample_max", "sample-level, worst phone")):
-        values = [r[key] for r in records]
+        values = [r.get(key) for r in records]
         if any(v is not None for v in values):
             ax.plot(rounds, _nan(values), marker="o",
                     label=label)
