@@ -23,9 +23,12 @@ def gaussian_delta(mu: float, epsilon: float) -> float:
         return 0.0
     if math.isinf(mu):
         return 1.0
-    first = math.exp(log_ndtr(-epsilon / mu + mu / 2))
-    second = math.exp(epsilon + log_ndtr(-epsilon / mu - mu / 2))
-    return max(0.0, first - second)
+    log_first = log_ndtr(-epsilon / mu + mu / 2)
+    # e^eps Phi(-eps/mu - mu/2) <= Phi(-eps/mu + mu/2) holds exactly; at mu ~ 1e9 the sum below
+    # cancels two numbers near 1e18 and rounding alone could push it past the first (or
+    # overflow exp), so it is capped there
+    log_second = min(epsilon + log_ndtr(-epsilon / mu - mu / 2), log_first)
+    return max(0.0, -math.exp(log_first) * math.expm1(log_second - log_first))
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:
