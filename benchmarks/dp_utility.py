@@ -30,7 +30,11 @@ from pathlib import Path
 
 from _common import ROOT, config, last_round, machine, write_section
 
-from fedmilm.privacy.plan import plan_user_level, smallest_useful_cohort
+from fedmilm.runtime import quiet_offline_env
+
+quiet_offline_env()
+
+from fedmilm.privacy.plan import plan_user_level, smallest_useful_cohort  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = ["personalization=none"]  # the global adapter carries everything learnt
