@@ -16,6 +16,9 @@ re-entrant checkpointing simply recomputes through it.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,7 +102,20 @@ def quantize_frozen_base(model: nn.Module, method: str) -> int:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, QuantizedLinear(module, method))
-    return len(targets)
+    replaced = len(targets)
+    del targets, module  # the float weights' last references
+    release_freed_memory()
+    return replaced
+
+
+def release_freed_memory() -> None:
+    """Hand the float weights' freed pages back to the OS (glibc keeps freed heap memory in the
+    process, so the resident size would stay that of the float base)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:
