@@ -36,11 +36,16 @@ def scaler_block(scalers: int) -> int:
     return max(d for d in range(1, min(NF4_SCALER_BLOCK, scalers) + 1) if scalers % d == 0)
 
 
-def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float weight a quantized tensor stands for."""
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight a quantized tensor stands for. Symmetric per-row int8 is q x scale,
+    computed straight in `dtype`: torchao's general dequantize goes through int32 and float32
+    copies (5x the result's size at its peak, on every use of every layer)."""
     if isinstance(weight, NF4Tensor):
         return weight.get_original_weight().to(dtype)
-    return weight.dequantize(dtype)
+    zero = getattr(weight, "zero_point", None)
+    if zero is not None and bool(zero.any()):
+        return weight.dequantize(dtype)
+    return weight.qdata.to(dtype) * weight.scale.to(dtype).view(-1, 1)
 
 
 class _DequantizingLinear(torch.autograd.Function):
@@ -50,12 +55,12 @@ class _DequantizingLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # noqa: ANN001
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return F.linear(x, _dense(weight, x.dtype), bias)
+        return F.linear(x, dense_weight(weight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         (weight,) = ctx.saved_tensors
-        grad_x = grad @ _dense(weight, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = grad @ dense_weight(weight, grad.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
 
 

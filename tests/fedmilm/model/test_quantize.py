@@ -11,7 +11,7 @@ from torch import nn
 from fedmilm.adapters import build_adapter_space
 from fedmilm.config.validate import ConfigError
 from fedmilm.data import encode_all, load_user
-from fedmilm.model.quantize import QuantizedLinear, stored_bytes
+from fedmilm.model.quantize import QuantizedLinear, dense_weight, stored_bytes
 from fedmilm.privacy import Accountant
 from fedmilm.privacy.randomness import SeededRandom
 from fedmilm.training import DpSgd, train_local
@@ -42,6 +42,9 @@ def test_a_quantized_layer_and_its_input_gradient_match_the_float_one(method, dt
     assert y.dtype == dtype and _relative(y, y_ref) < TOLERANCE[method]
     assert _relative(x.grad, x_ref.grad) < TOLERANCE[method]
     assert stored_bytes(quantized.weight) < 0.55 * linear.weight.numel() * 2  # int8 or 4-bit
+    if method == "int8":  # the direct q x scale is torchao's own dequantization, bit for bit
+        torch.testing.assert_close(dense_weight(quantized.weight, dtype),
+                                   quantized.weight.dequantize(dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4"])
