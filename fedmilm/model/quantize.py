@@ -102,15 +102,13 @@ def quantize_frozen_base(model: nn.Module, method: str) -> int:
         return 0
     if method not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {method!r}; use one of {QUANTIZATIONS}")
-    targets = [(name, module) for name, module in model.named_modules()
-               if quantizable(name, module)]
-    for name, module in targets:
+    names = [name for name, module in model.named_modules() if quantizable(name, module)]
+    for name in names:  # by name: no reference to a float layer outlives its replacement
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, QuantizedLinear(module, method))
-    replaced = len(targets)
-    del targets, module  # the float weights' last references
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, QuantizedLinear(getattr(parent, child), method))
     release_freed_memory()
-    return replaced
+    return len(names)
 
 
 def release_freed_memory() -> None:

@@ -11,7 +11,12 @@ from torch import nn
 from fedmilm.adapters import build_adapter_space
 from fedmilm.config.validate import ConfigError
 from fedmilm.data import encode_all, load_user
-from fedmilm.model.quantize import QuantizedLinear, dense_weight, stored_bytes
+from fedmilm.model.quantize import (
+    QuantizedLinear,
+    dense_weight,
+    quantize_frozen_base,
+    stored_bytes,
+)
 from fedmilm.privacy import Accountant
 from fedmilm.privacy.randomness import SeededRandom
 from fedmilm.training import DpSgd, train_local
@@ -141,3 +146,8 @@ def test_the_memory_planner_counts_the_base_as_stored(spaces):
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(*overrides)
+
+
+def test_a_model_without_decoder_linears_is_left_as_it_is():
+    model = nn.Sequential(nn.Linear(8, 8).requires_grad_(False))  # no `.layers.` inside
+    assert quantize_frozen_base(model, "int8") == 0 and type(model[0]) is nn.Linear
