@@ -35,7 +35,10 @@ from fedmilm.training import DpSgd, train_local  # noqa: E402
 from fedmilm.training.memory import (  # noqa: E402
     estimate_peak_bytes,
     gradient_checkpointing,
+    peak_bytes,
     plan_memory,
+    reset_peak,
+    resident_bytes,
 )
 
 GIB = 2**30
@@ -55,18 +58,20 @@ def child(args: argparse.Namespace, overrides: list[str]) -> None:
     cfg = config(overrides)
     space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=0)
     model = space.model
+    examples = _examples(args.batch * (args.steps + 1), args.seq, len(space.tokenizer))
+    gc.collect()
+    resident = resident_bytes()  # what the phone measures before planning
     if args.budget_mb is not None:
         plan = plan_memory(model, budget_mb=args.budget_mb, batch_size=args.batch,
-                           seq_len=args.seq, micro_batch=None, checkpointing="auto", dp=args.dp)
+                           seq_len=args.seq, micro_batch=None, checkpointing="auto", dp=args.dp,
+                           resident=resident)
         micro, ckpt = plan.micro_batch, plan.checkpointing
     else:
         micro, ckpt = args.batch, args.checkpointing
     estimate = estimate_peak_bytes(model, micro_batch=micro, seq_len=args.seq,
-                                   checkpointing=ckpt, dp=args.dp)
-    examples = _examples(args.batch * (args.steps + 1), args.seq, len(space.tokenizer))
+                                   checkpointing=ckpt, dp=args.dp, resident=resident)
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gc.collect()
-    _reset_peak()  # from here on the peak is the training steps' (the base as it is held)
+    reset_peak()  # from here on the peak is the training steps' (the base as it is held)
     times, tokens = [], []
     with gradient_checkpointing(model, ckpt):
         for step in range(args.steps + 1):
@@ -80,23 +85,10 @@ def child(args: argparse.Namespace, overrides: list[str]) -> None:
                 times.append(stats.seconds)
                 tokens.append(stats.tokens)
     print(json.dumps({"micro": micro, "checkpointing": ckpt, "dp": args.dp,
-                      "rss": max(load_peak, _peak()), "step_rss": _peak(),
+                      "rss": max(load_peak, peak_bytes()), "step_rss": peak_bytes(),
                       "load_rss": load_peak, "estimate": estimate,
                       "quantization": cfg.model.quantization,
                       "tokens_per_s": median([n / t for n, t in zip(tokens, times, strict=True)])}))
-
-
-def _reset_peak() -> None:
-    """Linux: restart this process's peak-RSS mark at its current RSS."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-
-
-def _peak() -> int:
-    """This process's peak RSS since the last reset, in bytes (VmHWM)."""
-    with open("/proc/self/status") as status:
-        line = next(x for x in status if x.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def _run(argv: list[str]) -> dict:

@@ -25,7 +25,7 @@ from fedmilm.data import Example, encode_all, load_user
 from fedmilm.model import load_tokenizer
 from fedmilm.privacy.policy import PhonePolicy, read_policy
 from fedmilm.training.device import base_dtype, resolve_device
-from fedmilm.training.memory import MemoryPlan, plan_for
+from fedmilm.training.memory import MemoryPlan, plan_for, resident_bytes
 
 if TYPE_CHECKING:  # ExecuTorch is imported only by phones that run it
     from fedmilm.export.runtime import PhonePrograms
@@ -62,9 +62,11 @@ def _examples(config_text: str, user: int) -> tuple[list[Example], list[Example]
 
 @lru_cache(maxsize=8)
 def _plan(config_text: str, rank: int | None) -> MemoryPlan:
-    """The memory plan depends only on the config and the tier's model: once per process."""
+    """The memory plan depends only on the config, the tier's model and what this process holds
+    with it loaded (measured here, on the phone): once per process."""
     cfg = _config(config_text)
-    return plan_for(cfg, _space(cfg, rank).model)
+    model = _space(cfg, rank).model
+    return plan_for(cfg, model, resident=resident_bytes())
 
 
 # Held-out loss of the frozen base model per (config, user): it can never change within a run.

@@ -28,6 +28,7 @@ from fedmilm.config.validate import QUANTIZATIONS
 
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # QLoRA's blocks: 64 weights per scale, 256 scales per
                                        # second-level scale
+DEQUANTIZE_CHUNK = 2**18  # NF4 weights decoded at a time (their int64 codes: 2 MiB)
 
 
 def scaler_block(scalers: int) -> int:
@@ -41,11 +42,37 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     computed straight in `dtype`: torchao's general dequantize goes through int32 and float32
     copies (5x the result's size at its peak, on every use of every layer)."""
     if isinstance(weight, NF4Tensor):
-        return weight.get_original_weight().to(dtype)
+        return _nf4_dense(weight, dtype)
     zero = getattr(weight, "zero_point", None)
     if zero is not None and bool(zero.any()):
         return weight.dequantize(dtype)
-    return weight.qdata.to(dtype) * weight.scale.to(dtype).view(-1, 1)
+    return weight.qdata.to(dtype).mul_(weight.scale.to(dtype).view(-1, 1))
+
+
+def _nf4_dense(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """NF4 -> `dtype`, a chunk at a time into one output tensor. torchao's
+    `get_original_weight` decodes every 4-bit code into an int64 index at once (~11x the float
+    result's size at its peak, measured), which would dwarf the layer it dequantizes. Each byte
+    holds two codes, so one lookup in a 256-entry table of value pairs decodes both."""
+    count, block = weight.numel(), weight.block_size
+    table = weight.nf4.to(dtype)
+    byte = torch.arange(256)
+    pairs = torch.stack((table[byte >> 4], table[byte & 0b1111]), dim=-1)
+    packed = _PAIR_WORD[dtype]
+    pairs = pairs.view(packed).view(256)  # one machine word per byte's two values
+    scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                       weight.scaler_block_size).to(dtype)
+    out = torch.empty(count, dtype=dtype)
+    step = max(block, DEQUANTIZE_CHUNK // block * block)
+    for start in range(0, count, step):
+        end = min(start + step, count)
+        codes = weight.quantized_data[start // 2:end // 2].long()
+        values = pairs[codes].view(dtype).view(-1, block)
+        out[start:end] = values.mul_(scales[start // block:end // block, None]).view(-1)
+    return out.view(weight.shape)
+
+
+_PAIR_WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
 
 
 class _DequantizingLinear(torch.autograd.Function):
