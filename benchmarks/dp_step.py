@@ -32,7 +32,7 @@ from fedmilm.data import IGNORE  # noqa: E402
 from fedmilm.data.chat import Batch  # noqa: E402
 from fedmilm.privacy.randomness import SecureRandom  # noqa: E402
 from fedmilm.training import per_example_loss  # noqa: E402
-from fedmilm.training.local import PrivateNoiseDPOptimizer  # noqa: E402
+from fedmilm.training.local import GivenNoiseDPOptimizer  # noqa: E402
 
 MODES = ("none", "hooks", "hooks-csprng", "functorch", "ghost")
 
@@ -63,11 +63,14 @@ def make_step(mode: str, model: torch.nn.Module, params: list, batch: Batch, siz
         return step, gsm._close
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
                            force_functorch=mode == "functorch")
-    dp_opt = (PrivateNoiseDPOptimizer(optimizer, **dp_args, random=SecureRandom())
-              if mode == "hooks-csprng" else DPOptimizer(optimizer, **dp_args))
+    csprng = SecureRandom() if mode == "hooks-csprng" else None
+    dp_opt = (GivenNoiseDPOptimizer(optimizer, **dp_args) if csprng is not None
+              else DPOptimizer(optimizer, **dp_args))
 
     def step() -> None:
         per_example_loss(gsm, batch).mean().backward()
+        if csprng is not None:  # the skeleton's draw: one normal tensor per adapter tensor
+            dp_opt.noise = [csprng.normal(p.shape, 1.0) for p in params]
         dp_opt.step()
         dp_opt.zero_grad(set_to_none=True)
     return step, gsm._close

@@ -66,7 +66,7 @@ def main() -> None:
                             pad_id=pad, seed=1)
         called = time.perf_counter()
         _, result = train_with_programs(programs, adapter_to_ptd(manifest, state), examples,
-                                        job, pad_id=pad)
+                                        job)
         total = time.perf_counter() - called
         print(f"rep {rep}: eager {stats.seconds:.2f} s, ExecuTorch {result.seconds:.2f} s "
               f"(+{total - result.seconds:.2f} s loading)", flush=True)

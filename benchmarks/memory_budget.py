@@ -29,9 +29,8 @@ from _common import config, machine, median, write_section  # noqa: E402
 from fedmilm.adapters import build_adapter_space  # noqa: E402
 from fedmilm.data import IGNORE  # noqa: E402
 from fedmilm.data.chat import Example  # noqa: E402
-from fedmilm.privacy import Accountant  # noqa: E402
 from fedmilm.privacy.randomness import private_random  # noqa: E402
-from fedmilm.training import DpSgd, train_local  # noqa: E402
+from fedmilm.training import DpNoise, train_local  # noqa: E402
 from fedmilm.training.memory import (  # noqa: E402
     estimate_peak_bytes,
     gradient_checkpointing,
@@ -76,7 +75,7 @@ def child(args: argparse.Namespace, overrides: list[str]) -> None:
     with gradient_checkpointing(model, ckpt):
         for step in range(args.steps + 1):
             chunk = examples[step * args.batch:(step + 1) * args.batch]
-            dp = DpSgd(1.0, 1.0, Accountant("prv"), private_random()) if args.dp else None
+            dp = DpNoise(1.0, 1.0, private_random()) if args.dp else None
             stats = train_local(model, space.trainable_parameters(), chunk, epochs=1,
                                 batch_size=args.batch, lr=1e-4, weight_decay=0.0,
                                 pad_id=space.tokenizer.pad_token_id, seed=step, dp=dp,

@@ -97,22 +97,17 @@ def train(msg: Message, context: Context) -> Message:
     code, ledger, dp = _privacy_for(phone, len(examples))
     if code:
         return _declined(msg, code, ledger)
-    programs, plan = None, None
-    if cfg.client.runtime == "executorch":
-        programs = phone.programs()
-    else:
-        try:
-            plan = phone.memory_plan()
-        except MemoryBudgetError as err:
-            log.warning("phone declines to train: %s", err)
-            return _declined(msg, protocol.DECLINED_MEMORY, ledger)
+    try:
+        runtime = phone.runtime()
+    except MemoryBudgetError as err:
+        log.warning("phone declines to train: %s", err)
+        return _declined(msg, protocol.DECLINED_MEMORY, ledger)
     full = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
     received = full if phone.rank is None else truncate(full, phone.rank)
-    outcome = train_phone(space, global_state=received,
+    outcome = train_phone(runtime, space, global_state=received,
                           personal_state=phone.storage.load_personal(space),
                           examples=examples, train=cfg.train, seed=phone.task_seed, dp=dp,
-                          clip_norm=_upload_clip(cfg, full) if cfg.privacy.user_level else None,
-                          plan=plan, programs=programs)
+                          clip_norm=_upload_clip(cfg, full) if cfg.privacy.user_level else None)
     if ledger is not None:  # the ledger is saved before anything derived from training leaves
         ledger.trainings += 1
         ledger.save(phone.storage.folder / LEDGER_FILE)
@@ -167,7 +162,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
     if phone.rank is not None:
         received = truncate(received, phone.rank)
-    outcome = evaluate_phone(space, global_state=received,
+    outcome = evaluate_phone(phone.runtime(), space, global_state=received,
                              personal_state=phone.storage.load_personal(space),
                              examples=heldout, batch_size=phone.cfg.train.eval_batch_size,
                              loss_base=phone.base_loss)

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from omegaconf import OmegaConf
@@ -25,10 +24,7 @@ from fedmilm.data import Example, encode_all, load_user
 from fedmilm.model import load_tokenizer
 from fedmilm.privacy.policy import PhonePolicy, read_policy
 from fedmilm.training.device import base_dtype, resolve_device
-from fedmilm.training.memory import MemoryPlan, plan_for, resident_bytes
-
-if TYPE_CHECKING:  # ExecuTorch is imported only by phones that run it
-    from fedmilm.export.runtime import PhonePrograms
+from fedmilm.training.runtimes import PhoneRuntime, runtime_class
 
 
 @lru_cache(maxsize=8)
@@ -61,12 +57,11 @@ def _examples(config_text: str, user: int) -> tuple[list[Example], list[Example]
 
 
 @lru_cache(maxsize=8)
-def _plan(config_text: str, rank: int | None) -> MemoryPlan:
-    """The memory plan depends only on the config, the tier's model and what this process holds
-    with it loaded (measured here, on the phone): once per process."""
+def _runtime(config_text: str, rank: int | None) -> PhoneRuntime:
+    """The runtime `client.runtime` names, built once per process and tier: its memory plan
+    (measured in this process with the model loaded) or its loaded programs."""
     cfg = _config(config_text)
-    model = _space(cfg, rank).model
-    return plan_for(cfg, model, resident=resident_bytes())
+    return runtime_class(cfg.client.runtime).for_phone(cfg, _space(cfg, rank))
 
 
 # Held-out loss of the frozen base model per (config, user): it can never change within a run.
@@ -109,23 +104,12 @@ class Phone:
         """This phone's base-model held-out loss if this process computed it before."""
         return _BASE_LOSSES.get((self.config_text, self.user))
 
-    def memory_plan(self) -> MemoryPlan:
-        """Micro-batch and checkpointing for this phone; raises `MemoryBudgetError`."""
-        return _plan(self.config_text, self.rank)
+    def runtime(self) -> PhoneRuntime:
+        """This phone's runtime; raises `MemoryBudgetError` when its budget fits nothing."""
+        return _runtime(self.config_text, self.rank)
 
     def remember_base_loss(self, value: float) -> None:
         _BASE_LOSSES[(self.config_text, self.user)] = value
-
-    def programs(self) -> PhonePrograms:
-        """The exported ExecuTorch programs (`client.runtime=executorch`), read once per
-        process from the bundle the server exported (`client.export_dir`)."""
-        folder = self.cfg.client.export_dir
-        if not folder:
-            raise ValueError("client.runtime=executorch but no client.export_dir reached the "
-                             "phone; the ServerApp sets it when it exports the programs")
-        from fedmilm.export.runtime import cached_programs
-
-        return cached_programs(folder)
 
     @property
     def task_seed(self) -> int:

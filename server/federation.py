@@ -55,7 +55,7 @@ from fedmilm.server.messages import (
 from fedmilm.server.outputs import finish, round_record, trained_diagnostics
 from fedmilm.server.secure import secure_mean
 from fedmilm.server.transport import stream_replies
-from fedmilm.training.memory import MemoryPlan, plan_for
+from fedmilm.training.runtimes import runtime_class
 
 log = logging.getLogger("fedmilm.server")
 
@@ -255,12 +255,6 @@ def run_space(cfg: FedMilmConfig) -> AdapterSpace:
                                 seed=cfg.seed)
 
 
-def phone_memory_plan(cfg: FedMilmConfig) -> MemoryPlan:
-    """The micro-batch and checkpointing eager phones will use; `MemoryBudgetError` when
-    `client.memory_budget_mb` fits nothing. Cheap to repeat: the model is loaded once."""
-    return plan_for(cfg, run_space(cfg).model)
-
-
 def _evaluate(grid: Grid, state: ServerState, server_round: int, cfg: FedMilmConfig,
               wiring: Wiring, population: list[int], deadline: float) -> list[ClientEval]:
     """Held-out losses per phone. Without DP they travel in the evaluate replies. Under DP
@@ -302,17 +296,10 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
     config_text = to_yaml(cfg)
     fingerprint = config_fingerprint(to_yaml(replace(cfg, resume=None)))
     space = run_space(cfg)
-    if cfg.client.runtime == "executorch":  # phones get the programs' folder in their config
-        from fedmilm.export.bundle import ensure_bundle
-
-        export_dir = ensure_bundle(space, cfg, run_dir)
-        config_text = to_yaml(replace(cfg, client=replace(cfg.client,
-                                                          export_dir=str(export_dir))))
-    else:
-        plan = phone_memory_plan(cfg)  # a budget nothing fits stops here, not on phones
-        log.info("phones train with micro-batch %d, gradient checkpointing %s (estimated peak "
-                 "%.0f MiB)", plan.micro_batch, "on" if plan.checkpointing else "off",
-                 plan.estimated_bytes / 2**20)
+    runtime = runtime_class(cfg.client.runtime)
+    phones_cfg = runtime.prepare_run(cfg, space, run_dir)
+    if phones_cfg != cfg:  # e.g. the exported programs' folder
+        config_text = to_yaml(phones_cfg)
     aggregator = create_aggregator(cfg, space.global_coordinates)
     optimizer = server_optimizer_for(cfg.aggregation)
     state = _start_state(cfg, space, aggregator, run_dir, fingerprint)
@@ -380,11 +367,5 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
     # ---- finish: PEFT adapter and plots
     finish(space, state.global_state, cfg, run_dir, completed=state.round,
             stopped_because=stopped_because)
-    if cfg.client.runtime == "executorch":  # what a phone app downloads next
-        from fedmilm.export.manifest import Manifest
-        from fedmilm.export.ptd import adapter_to_ptd
-
-        full = {**space.initial_state(tuple(space.initial)), **state.global_state}
-        (run_dir / "global_adapter.ptd").write_bytes(
-            adapter_to_ptd(Manifest.read(export_dir), full))
+    runtime.finish_run(phones_cfg, space, state.global_state, run_dir)
     return state.global_state

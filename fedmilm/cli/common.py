@@ -132,7 +132,8 @@ def check_model(cfg: FedMilmConfig) -> None:
     """Load the run's adapter space once in this process (an in-process ServerApp reuses it)
     and plan eager phones' memory; exit 2 with one line naming the key on failure."""
     from fedmilm.adapters import cached_adapter_space
-    from fedmilm.training.memory import MemoryBudgetError, plan_for
+    from fedmilm.training.memory import MemoryBudgetError
+    from fedmilm.training.runtimes import runtime_class
 
     try:
         space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
@@ -142,11 +143,10 @@ def check_model(cfg: FedMilmConfig) -> None:
         key = (f"lora.target_modules={list(cfg.lora.target_modules)}"
                if "target modules" in first.lower() else f"model ({cfg.model.name})")
         _exit_with(f"config error: {key}: {first}")
-    if cfg.client.runtime == "eager":
-        try:
-            plan_for(cfg, space.model)
-        except MemoryBudgetError as err:
-            _exit_with(f"memory budget error: {err}")
+    try:
+        runtime_class(cfg.client.runtime).check(cfg, space)
+    except MemoryBudgetError as err:
+        _exit_with(f"memory budget error: {err}")
     if cfg.privacy.user_level:
         check_signal(cfg, space.global_coordinates)
         check_distributed(cfg, space.global_coordinates)

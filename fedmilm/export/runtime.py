@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,7 +24,7 @@ from fedmilm.export.job import JobResult, TrainJob
 from fedmilm.export.manifest import Manifest, inside
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
 from fedmilm.privacy.randomness import private_random
-from fedmilm.training.local import batch_plan, micro_batches
+from fedmilm.training.skeleton import DpNoise, run_steps
 
 
 @dataclass(frozen=True)
@@ -86,10 +85,10 @@ def pad_to_program(batch: Batch, *, rows: int, seq_len: int, pad_id: int) -> Bat
     return Batch(ids, mask, labels)
 
 
-class _Runtime:
-    """The loaded programs of one local training and the adapter tensors they update."""
+class ExecuTorchEngine:
+    """The skeleton's arithmetic through the loaded programs; the adapter tensors they update."""
 
-    def __init__(self, programs: PhonePrograms, adapter_ptd: bytes) -> None:
+    def __init__(self, programs: PhonePrograms, adapter_ptd: bytes, *, batch_size: int) -> None:
         self.manifest = programs.manifest
         self.names = [t.program_key for t in self.manifest.adapter]
         state = ptd_to_adapter(self.manifest, adapter_ptd)  # refuses a .ptd for other programs
@@ -101,28 +100,42 @@ class _Runtime:
                         else _load_for_executorch_from_buffer(programs.dp_grad))
         self.exp_avg = [torch.zeros_like(t) for t in self.adapter]
         self.exp_avg_sq = [torch.zeros_like(t) for t in self.adapter]
-        self.steps = 0
+        self.batch_size, self.steps = batch_size, 0
+        self.total: list[torch.Tensor] | None = None
 
-    def gradients(self, part: Batch, real: int, weight: float) -> tuple[list[torch.Tensor],
-                                                                        torch.Tensor]:
-        """Gradients of sum_i weight * loss_i over the `real` leading rows of one padded
-        micro-batch (padded rows weigh 0), and that weighted loss."""
-        rows = self.manifest.micro_batch
-        weights = torch.zeros(rows)
-        weights[:real] = weight
-        loss = self.train.forward_backward("forward", (part.input_ids, part.attention_mask,
-                                                       part.labels, weights))[0]
-        named = self.train.named_gradients()
-        return [named[n].clone() for n in self.names], loss
+    def adapter_shapes(self) -> list[torch.Size]:
+        return [t.shape for t in self.adapter]
 
-    def dp_gradients(self, part: Batch, noise: list[torch.Tensor]) -> tuple[list[torch.Tensor],
-                                                                             torch.Tensor]:
-        assert self.dp_grad is not None
-        out = self.dp_grad.run_method("forward", (*self.adapter, part.input_ids,
-                                                  part.attention_mask, part.labels, *noise))
-        return [t.clone() for t in out[:-1]], out[-1].clone()
+    def accumulate(self, part: Batch, *, rows: int, dp: bool) -> float:
+        real = part.input_ids.size(0)
+        padded = pad_to_program(part, rows=self.manifest.micro_batch,
+                                seq_len=self.manifest.seq_len,
+                                pad_id=int(self.manifest.tokenizer["pad_token_id"]))
+        if dp:  # (sum of clipped per-example gradients) / expected batch; the noise comes in step
+            assert self.dp_grad is not None
+            zeros = [torch.zeros_like(t) for t in self.adapter]
+            out = self.dp_grad.run_method("forward", (*self.adapter, padded.input_ids,
+                                                      padded.attention_mask, padded.labels,
+                                                      *zeros))
+            grads, loss_sum = [t.clone() for t in out[:-1]], float(out[-1].sum())
+        else:  # gradients of sum_i loss_i / rows over the real rows; padded rows weigh 0
+            weights = torch.zeros(self.manifest.micro_batch)
+            weights[:real] = 1.0 / rows
+            loss = self.train.forward_backward("forward", (padded.input_ids,
+                                                           padded.attention_mask,
+                                                           padded.labels, weights))[0]
+            named = self.train.named_gradients()
+            grads, loss_sum = [named[n].clone() for n in self.names], float(loss) * rows
+        self.total = grads if self.total is None else [t + g for t, g in zip(self.total, grads,
+                                                                             strict=True)]
+        return loss_sum
 
-    def apply_adamw(self, grads: list[torch.Tensor]) -> None:
+    def step(self, noise: list[torch.Tensor] | None) -> None:
+        grads = self.total if self.total is not None else [torch.zeros_like(t)
+                                                           for t in self.adapter]
+        if noise is not None:
+            grads = [g + z / self.batch_size for g, z in zip(grads, noise, strict=True)]
+        self.total = None
         self.steps += 1
         n = len(self.adapter)
         out = self.adamw.run_method("forward", (torch.tensor(float(self.steps)), *self.adapter,
@@ -137,57 +150,25 @@ class _Runtime:
 
 
 def train_with_programs(programs: PhonePrograms, adapter_ptd: bytes, examples: list[Example],
-                        job: TrainJob, *, pad_id: int) -> tuple[bytes, JobResult]:
-    """Run one `TrainJob` through ExecuTorch: the phone's loop, step for step the eager
-    `fedmilm.training.local.train_local` (same batch plan, AdamW, Opacus clipping and noise
-    draws for the same seed). Returns the trained adapter as a `.ptd` and the job's result."""
+                        job: TrainJob) -> tuple[bytes, JobResult]:
+    """Run one `TrainJob` through ExecuTorch with the shared skeleton: the same batch plan,
+    AdamW, Opacus clipping and noise draws as the eager phone for the same seed. Returns the
+    trained adapter as a `.ptd` and the job's result."""
     manifest = programs.manifest
     if job.dp and programs.dp_grad is None:
         raise ValueError(f"{programs.folder} has no dp_grad.pte; re-export with sample-level DP")
-    if not examples:
-        raise ValueError("no training examples on this phone")
-    runtime = _Runtime(programs, adapter_ptd)
+    engine = ExecuTorchEngine(programs, adapter_ptd, batch_size=job.batch_size)
     # Shuffling (no DP) follows the job's seed; DP-SGD's masks and noise come from the phone's
     # CSPRNG unless a virtual phone in a test asked for reproducible DP with `seed`.
     seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(7), "little")
-    generator = torch.Generator().manual_seed(seed)
-    private = private_random(job.seed) if job.dp else None
-    plan = batch_plan(examples, epochs=job.epochs, batch_size=job.batch_size, pad_id=pad_id,
-                      generator=generator, poisson=private)
-    rows, seq_len = manifest.micro_batch, manifest.seq_len
-    started = time.perf_counter()
-    loss_sum, done, seen, tokens = 0.0, 0, 0, 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for batch in plan:
-            done += 1
-            noise = None
-            if private is not None:  # Opacus's draw order: one N(0, std) per tensor, per step
-                std = float(job.noise_multiplier) * float(job.max_grad_norm)  # type: ignore
-                noise = [private.normal(t.shape, std) for t in runtime.adapter]
-            if batch is None:  # empty Poisson draw: a noise-only step, as the accountant assumes
-                assert noise is not None
-                runtime.apply_adamw([z / job.batch_size for z in noise])
-                continue
-            b = batch.input_ids.size(0)
-            total: list[torch.Tensor] | None = None
-            for index, part in enumerate(micro_batches(batch, rows)):
-                padded = pad_to_program(part, rows=rows, seq_len=seq_len, pad_id=pad_id)
-                if noise is None:
-                    grads, loss = runtime.gradients(padded, part.input_ids.size(0), 1.0 / b)
-                    loss_sum += float(loss) * b
-                else:
-                    step_noise = noise if index == 0 else [torch.zeros_like(z) for z in noise]
-                    grads, losses = runtime.dp_gradients(padded, step_noise)
-                    loss_sum += float(losses.sum())
-                total = grads if total is None else [t + g for t, g in zip(total, grads,
-                                                                          strict=True)]
-            assert total is not None
-            runtime.apply_adamw(total)
-            seen += b
-            tokens += int(batch.attention_mask.sum())
-    result_ptd = adapter_to_ptd(manifest, dict(zip(manifest.peft_keys(), runtime.adapter,
+    dp = None
+    if job.dp:
+        assert job.noise_multiplier is not None and job.max_grad_norm is not None
+        dp = DpNoise(job.noise_multiplier, job.max_grad_norm, private_random(job.seed))
+    stats = run_steps(engine, examples, epochs=job.epochs, batch_size=job.batch_size,
+                      pad_id=int(manifest.tokenizer["pad_token_id"]), seed=seed, dp=dp,
+                      micro_batch=manifest.micro_batch)
+    result_ptd = adapter_to_ptd(manifest, dict(zip(manifest.peft_keys(), engine.adapter,
                                                    strict=True)))
-    return result_ptd, JobResult(steps=done, examples=seen, tokens=tokens,
-                                 loss=loss_sum / max(seen, 1),
-                                 seconds=time.perf_counter() - started)
+    return result_ptd, JobResult(steps=stats.steps, examples=stats.examples,
+                                 tokens=stats.tokens, loss=stats.loss, seconds=stats.seconds)

@@ -21,7 +21,7 @@ from fedmilm.config.validate import ConfigError
 from fedmilm.privacy.accountant import PRV_MIN_NOISE, Accountant
 from fedmilm.privacy.adaptive_clip import update_noise_multiplier
 from fedmilm.privacy.tree import TreeAccountant, default_separation, ftrl_noise_for
-from fedmilm.training.local import dp_sample_rate, planned_steps
+from fedmilm.training.skeleton import dp_sample_rate, planned_steps
 
 log = logging.getLogger("fedmilm")
 

@@ -16,12 +16,14 @@ from fedmilm.export import PhonePrograms, export_bundle, train_with_programs
 from fedmilm.export.bundle import ensure_bundle, export_fingerprint
 from fedmilm.export.job import JobResult, TrainJob
 from fedmilm.export.manifest import Manifest
+from fedmilm.export.phone_runtime import ExecuTorchRuntime
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter, read_ptd, write_ptd
 from fedmilm.export.runtime import pad_to_program
 from fedmilm.privacy import Accountant
 from fedmilm.privacy.randomness import SeededRandom
-from fedmilm.training import DpSgd, per_example_loss, train_local, train_phone
+from fedmilm.training import DpSgd, per_example_loss, planned_steps, train_local, train_phone
 from fedmilm.training.memory import MemoryPlan
+from fedmilm.training.runtimes import EagerRuntime
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.export,  # lowering the model takes ~40 s: `make test-fast` skips it
@@ -73,13 +75,13 @@ def _assert_same_training(eager, programs_out, start):
         torch.testing.assert_close(programs_out[key], eager[key], rtol=1e-4, atol=5e-6)
 
 
-def _on_device(programs, state, examples, *, seed, dp=None, pad_id=0):
+def _on_device(programs, state, examples, *, seed, dp=None):
     job = TrainJob(epochs=2, batch_size=BATCH, sampling="poisson" if dp else "shuffle",
                    noise_multiplier=dp[0] if dp else None, max_grad_norm=dp[1] if dp else None,
                    seed=seed)
     job = TrainJob.from_json(job.to_json())  # what the phone reads
     blob, result = train_with_programs(programs, adapter_to_ptd(programs.manifest, state),
-                                       examples, job, pad_id=pad_id)
+                                       examples, job)
     return ptd_to_adapter(programs.manifest, blob), JobResult.from_json(result.to_json())
 
 
@@ -87,8 +89,7 @@ def test_exported_training_matches_eager_peft(exported):
     cfg, space, start, programs, _ = exported
     examples = random_examples(10, seed=1)
     eager, stats = _eager(space, start, examples)
-    trained, et_stats = _on_device(programs, start, examples, seed=7,
-                                   pad_id=space.tokenizer.pad_token_id)
+    trained, et_stats = _on_device(programs, start, examples, seed=7)
     _assert_same_training(eager, trained, start)
     assert (et_stats.steps, et_stats.examples, et_stats.tokens) == (stats.steps, stats.examples,
                                                                     stats.tokens)
@@ -102,19 +103,22 @@ def test_exported_dp_step_matches_opacus_through_the_phone_path(exported):
     global_state = {k: start[k] for k in space.global_keys}
     personal_state = {k: start[k] for k in space.personal_keys}
     outcomes, accountants = [], []
-    for on_device in (False, True):
+    for runtime in (EagerRuntime(MemoryPlan(MICRO, False, 0)), ExecuTorchRuntime(programs)):
         accountant = Accountant("prv")
         outcomes.append(train_phone(
-            space, global_state=global_state, personal_state=personal_state, examples=examples,
-            train=cfg.train, seed=3, dp=DpSgd(0.8, 1.0, accountant, SeededRandom(3)),
-            plan=MemoryPlan(MICRO, False, 0), programs=programs if on_device else None))
+            runtime, space, global_state=global_state, personal_state=personal_state,
+            examples=examples, train=cfg.train, seed=3,
+            dp=DpSgd(0.8, 1.0, accountant, SeededRandom(3))))
         accountants.append(accountant)
     eager, device = outcomes
     eager_state = {**{k: global_state[k] + v for k, v in eager.update.items()}, **eager.personal}
     device_state = {**{k: global_state[k] + v for k, v in device.update.items()},
                     **device.personal}
     _assert_same_training(eager_state, device_state, start)
-    assert accountants[1].history == accountants[0].history and accountants[0].steps > 0
+    planned = planned_steps(len(examples), epochs=cfg.train.epochs,
+                            batch_size=cfg.train.batch_size)
+    assert accountants[1].history == accountants[0].history  # charged once, for every step
+    assert accountants[0].steps == planned > 0
     assert device.stats.steps == eager.stats.steps
     # Another noise draw (seed) gives another result: the noise really enters the step.
     other, _ = _on_device(programs, start, examples, seed=4, dp=(0.8, 1.0))

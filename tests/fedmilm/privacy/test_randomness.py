@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,8 @@ from fedmilm.adapters import build_adapter_space
 from fedmilm.data import encode_all, load_user
 from fedmilm.privacy import Accountant
 from fedmilm.privacy.randomness import PrivateRandom, SecureRandom, SeededRandom, private_random
-from fedmilm.training import DpSgd, planned_steps, train_local
+from fedmilm.training import DpSgd, planned_steps, train_phone
+from fedmilm.training.runtimes import EagerRuntime
 from tests.conftest import tiny_config
 
 
@@ -69,10 +71,10 @@ def test_empty_poisson_draws_take_noise_only_steps_and_are_charged():
     examples = encode_all(space.tokenizer, load_user(cfg.data, user=0, seed=0).train, 64)
     before = space.state(space.global_keys)
     accountant = Accountant("prv")
-    stats = train_local(space.model, space.trainable_parameters(), examples, epochs=1,
-                        batch_size=4, lr=0.05, weight_decay=0.0,
-                        pad_id=space.tokenizer.pad_token_id, seed=0,
-                        dp=DpSgd(1.0, 1.0, accountant, _NeverSamples()))
+    train = dataclasses.replace(cfg.train, epochs=1, batch_size=4, lr=0.05, weight_decay=0.0)
+    stats = train_phone(EagerRuntime(), space, global_state=before, personal_state={},
+                        examples=examples, train=train, seed=0,
+                        dp=DpSgd(1.0, 1.0, accountant, _NeverSamples())).stats
     steps = planned_steps(len(examples), epochs=1, batch_size=4)
     assert stats.steps == accountant.steps == steps and stats.examples == 0
     after = space.state(space.global_keys)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -12,7 +14,8 @@ from fedmilm.data import batches, encode_all, load_user
 from fedmilm.model import load_base_model
 from fedmilm.privacy import Accountant
 from fedmilm.privacy.randomness import SeededRandom
-from fedmilm.training import DpSgd, per_example_loss, planned_steps, train_local, train_phone
+from fedmilm.training import DpSgd, per_example_loss, planned_steps, train_phone
+from fedmilm.training.runtimes import EagerRuntime
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -28,20 +31,21 @@ def setup():
 
 def _dp_train(cfg, space, examples, *, noise=0.5, clip=1.0, seed=3):
     accountant = Accountant("prv")
-    space.load(space.initial_state(space.global_keys + space.personal_keys))
-    stats = train_local(space.model, space.trainable_parameters(), examples, epochs=2,
-                        batch_size=8, lr=cfg.train.lr, weight_decay=0.0,
-                        pad_id=space.tokenizer.pad_token_id, seed=seed,
-                        dp=DpSgd(noise_multiplier=noise, max_grad_norm=clip,
-                                 accountant=accountant, random=SeededRandom(seed)))
-    return stats, accountant, space.state(space.global_keys)
+    train = dataclasses.replace(cfg.train, epochs=2, batch_size=8)
+    outcome = train_phone(EagerRuntime(), space,
+                          global_state=space.initial_state(space.global_keys),
+                          personal_state=space.initial_state(space.personal_keys),
+                          examples=examples, train=train, seed=seed,
+                          dp=DpSgd(noise_multiplier=noise, max_grad_norm=clip,
+                                   accountant=accountant, random=SeededRandom(seed)))
+    return outcome.stats, accountant, space.state(space.global_keys)
 
 
-def test_every_dp_step_is_charged_to_the_accountant(setup):
+def test_every_dp_step_is_charged_to_the_accountant_once(setup):
     cfg, space, examples = setup
     stats, accountant, _ = _dp_train(cfg, space, examples)
     expected = planned_steps(len(examples), epochs=2, batch_size=8)
-    assert stats.steps == accountant.steps == expected
+    assert stats.steps == accountant.steps == expected  # charged once per step, not twice
     assert accountant.history == [(0.5, 8 / len(examples), expected)]
     assert accountant.epsilon(1e-5) > 0
 
@@ -93,7 +97,8 @@ def test_ffa_freezes_a_trains_b_and_exports_a_loadable_adapter(tmp_path):
     frozen_before = {k: p.detach().clone() for k, p in space.model.named_parameters()
                      if k in space.frozen_keys}
     examples = encode_all(space.tokenizer, load_user(cfg.data, user=0, seed=0).train, 128)
-    outcome = train_phone(space, global_state=space.initial_state(space.global_keys),
+    outcome = train_phone(EagerRuntime(), space,
+                          global_state=space.initial_state(space.global_keys),
                           personal_state={}, examples=examples, train=cfg.train, seed=0)
     assert set(outcome.update) == set(space.global_keys)
     params = dict(space.model.named_parameters())

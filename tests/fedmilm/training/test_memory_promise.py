@@ -34,9 +34,8 @@ def child(overrides: list[str], dp: bool) -> None:
     from fedmilm.config import load_config
     from fedmilm.data import IGNORE
     from fedmilm.data.chat import Example
-    from fedmilm.privacy import Accountant
     from fedmilm.privacy.randomness import private_random
-    from fedmilm.training import DpSgd, train_local
+    from fedmilm.training import DpNoise, train_local
     from fedmilm.training.memory import (
         MIB,
         estimate_peak_bytes,
@@ -65,7 +64,7 @@ def child(overrides: list[str], dp: bool) -> None:
     reset_peak()
     with gradient_checkpointing(model, plan.checkpointing):
         for step in range(2):
-            noise = DpSgd(1.0, 1.0, Accountant("prv"), private_random()) if dp else None
+            noise = DpNoise(1.0, 1.0, private_random()) if dp else None
             train_local(model, space.trainable_parameters(), examples[2 * step:2 * step + 2],
                         epochs=1, batch_size=2, lr=1e-4, weight_decay=0.0,
                         pad_id=space.tokenizer.pad_token_id, seed=step, dp=noise,

@@ -6,6 +6,7 @@ import torch
 from fedmilm.adapters import build_adapter_space
 from fedmilm.data import encode_all, load_user
 from fedmilm.training import evaluate_phone, train_phone
+from fedmilm.training.runtimes import EagerRuntime
 from tests.conftest import tiny_config
 
 
@@ -19,7 +20,7 @@ def setup(request):
 
 
 def _train(cfg, space, examples, seed=1):
-    return train_phone(space, global_state=space.initial_state(space.global_keys),
+    return train_phone(EagerRuntime(), space, global_state=space.initial_state(space.global_keys),
                        personal_state=space.initial_state(space.personal_keys),
                        examples=examples, train=cfg.train, seed=seed)
 
@@ -42,13 +43,14 @@ def test_training_is_deterministic_by_seed(setup):
 
 def test_training_lowers_the_loss_on_what_it_trained(setup):
     cfg, space, examples = setup
-    before = evaluate_phone(space, global_state=space.initial_state(space.global_keys),
+    before = evaluate_phone(EagerRuntime(), space,
+                            global_state=space.initial_state(space.global_keys),
                             personal_state=space.initial_state(space.personal_keys),
                             examples=examples, batch_size=8)
     outcome = _train(cfg, space, examples)
     trained_global = {k: space.initial[k] + outcome.update[k] for k in outcome.update}
-    after = evaluate_phone(space, global_state=trained_global, personal_state=outcome.personal,
-                           examples=examples, batch_size=8)
+    after = evaluate_phone(EagerRuntime(), space, global_state=trained_global,
+                           personal_state=outcome.personal, examples=examples, batch_size=8)
     best_after = after.loss_personal if after.loss_personal is not None else after.loss_global
     assert best_after < before.loss_global
     assert after.loss_base == pytest.approx(before.loss_base)  # the base model stays frozen
@@ -56,7 +58,8 @@ def test_training_lowers_the_loss_on_what_it_trained(setup):
 
 def test_evaluation_semantics_per_mode(setup):
     cfg, space, examples = setup
-    initial = evaluate_phone(space, global_state=space.initial_state(space.global_keys),
+    initial = evaluate_phone(EagerRuntime(), space,
+                             global_state=space.initial_state(space.global_keys),
                              personal_state=space.initial_state(space.personal_keys),
                              examples=examples, batch_size=8)
     if space.mode == "none":
