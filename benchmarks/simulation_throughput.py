@@ -65,7 +65,7 @@ def no_flower(cfg: FedMilmConfig, get_space: Callable[[], AdapterSpace]) -> int:
         for user in sorted(sampler.sample(users, fed.clients_per_round)):
             space = get_space()
             state = personal.get(user, space.initial_state(space.personal_keys))
-            outcome = train_phone(EagerRuntime(), space, global_state=global_state,
+            outcome = train_phone(EagerRuntime(space), global_state=global_state,
                                   personal_state=state, examples=examples(user, space)[0],
                                   train=cfg.train, seed=server_round * 10_007 + user)
             personal[user] = outcome.personal
@@ -78,7 +78,7 @@ def no_flower(cfg: FedMilmConfig, get_space: Callable[[], AdapterSpace]) -> int:
         for user in evaluated:
             space = get_space()
             result = evaluate_phone(
-                EagerRuntime(), space, global_state=global_state,
+                EagerRuntime(space), global_state=global_state,
                 personal_state=personal.get(user, space.initial_state(space.personal_keys)),
                 examples=examples(user, space)[1], batch_size=cfg.train.eval_batch_size,
                 loss_base=base_loss.get(user))

@@ -88,7 +88,7 @@ def _privacy_for(phone: Phone, num_examples: int) -> tuple[int, PrivacyLedger | 
 def train(msg: Message, context: Context) -> Message:
     """Train on the phone's private data; reply with the update of the global part."""
     phone = phone_for(msg, context)
-    cfg, space, (examples, _) = phone.cfg, phone.space, phone.examples()
+    cfg, (examples, _) = phone.cfg, phone.examples()
     if cfg.device.check_conditions:
         refusal = policy_of(cfg.device).refusal(read_conditions())
         if refusal is not None:
@@ -102,9 +102,10 @@ def train(msg: Message, context: Context) -> Message:
     except MemoryBudgetError as err:
         log.warning("phone declines to train: %s", err)
         return _declined(msg, protocol.DECLINED_MEMORY, ledger)
+    space = runtime.layout
     full = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
     received = full if phone.rank is None else truncate(full, phone.rank)
-    outcome = train_phone(runtime, space, global_state=received,
+    outcome = train_phone(runtime, global_state=received,
                           personal_state=phone.storage.load_personal(space),
                           examples=examples, train=cfg.train, seed=phone.task_seed, dp=dp,
                           clip_norm=_upload_clip(cfg, full) if cfg.privacy.user_level else None)
@@ -158,12 +159,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     phone = phone_for(msg, context)
     if phone.cfg.privacy.any_dp and phone.diagnostics_dir is None:
         return _declined(msg, protocol.DECLINED_POLICY)
-    space, (_, heldout) = phone.space, phone.examples()
+    runtime, (_, heldout) = phone.runtime(), phone.examples()
     received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
     if phone.rank is not None:
         received = truncate(received, phone.rank)
-    outcome = evaluate_phone(phone.runtime(), space, global_state=received,
-                             personal_state=phone.storage.load_personal(space),
+    outcome = evaluate_phone(runtime, global_state=received,
+                             personal_state=phone.storage.load_personal(runtime.layout),
                              examples=heldout, batch_size=phone.cfg.train.eval_batch_size,
                              loss_base=phone.base_loss)
     phone.remember_base_loss(outcome.loss_base)

@@ -61,7 +61,7 @@ def _runtime(config_text: str, rank: int | None) -> PhoneRuntime:
     """The runtime `client.runtime` names, built once per process and tier: its memory plan
     (measured in this process with the model loaded) or its loaded programs."""
     cfg = _config(config_text)
-    return runtime_class(cfg.client.runtime).for_phone(cfg, _space(cfg, rank))
+    return runtime_class(cfg.client.runtime).for_phone(cfg, lambda: _space(cfg, rank))
 
 
 # Held-out loss of the frozen base model per (config, user): it can never change within a run.
@@ -90,10 +90,6 @@ class Phone:
             return cfg
         user = replace(cfg.privacy.user, clip_norm=self.round_clip)
         return replace(cfg, privacy=replace(cfg.privacy, user=user))
-
-    @property
-    def space(self) -> AdapterSpace:
-        return _space(self.cfg, self.rank)
 
     def examples(self) -> tuple[list[Example], list[Example]]:
         """(train, held-out) examples of this phone's user, tokenised once per process."""

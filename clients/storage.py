@@ -10,14 +10,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from fedmilm.adapters.space import AdapterSpace, State
+from fedmilm.adapters.space import AdapterLayout, State
 
 PERSONAL_FILE = "personal_adapter.safetensors"
 META_FILE = "personal_adapter.json"
 TRAINED_FILE = "trained.json"
 
 
-def _fingerprint(space: AdapterSpace) -> str:
+def _fingerprint(space: AdapterLayout) -> str:
     """Identifies the adapter layout, so a stale file from another setup is never loaded."""
     layout = [(k, list(space.initial[k].shape)) for k in space.personal_keys]
     return hashlib.sha256(json.dumps([space.mode, layout]).encode()).hexdigest()[:16]
@@ -29,7 +29,7 @@ class DeviceStorage:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
-    def load_personal(self, space: AdapterSpace) -> State:
+    def load_personal(self, space: AdapterLayout) -> State:
         """The stored personal part, or its initial value on a phone's first round."""
         if not space.personal_keys:
             return {}
@@ -42,7 +42,7 @@ class DeviceStorage:
                              "setup; use a new run directory or delete that file")
         return load_file(str(path))
 
-    def save_personal(self, space: AdapterSpace, personal: State) -> None:
+    def save_personal(self, space: AdapterLayout, personal: State) -> None:
         """Write atomically (temp file + rename): a crash never leaves a half-written adapter."""
         if not personal:
             return

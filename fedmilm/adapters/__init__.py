@@ -2,6 +2,7 @@
 
 from fedmilm.adapters.peft_io import load_global_adapter, save_global_adapter
 from fedmilm.adapters.space import (
+                                    AdapterLayout,
                                     AdapterSpace,
                                     State,
                                     build_adapter_space,
@@ -9,5 +10,5 @@ from fedmilm.adapters.space import (
                                     is_global,
 )
 
-__all__ = ["AdapterSpace", "State", "build_adapter_space", "cached_adapter_space", "is_global",
-           "load_global_adapter", "save_global_adapter"]
+__all__ = ["AdapterLayout", "AdapterSpace", "State", "build_adapter_space",
+           "cached_adapter_space", "is_global", "load_global_adapter", "save_global_adapter"]

@@ -42,16 +42,32 @@ def is_global(key: str, mode: str) -> bool:
 
 
 @dataclass
-class AdapterSpace:
+class AdapterLayout:
+    """Which adapter tensors exist, which part each belongs to, and their initial values: all
+    a phone's storage and protocol need (an ExecuTorch phone has this without the model)."""
+
+    mode: str
+    global_keys: tuple[str, ...]
+    personal_keys: tuple[str, ...]
+    initial: State  # float32 copy of every trainable adapter tensor right after initialisation
+
+    @property
+    def global_coordinates(self) -> int:
+        """Numbers in the global part: what travels, and what user-level noise is added to."""
+        return sum(self.initial[k].numel() for k in self.global_keys)
+
+    def initial_state(self, keys: tuple[str, ...]) -> State:
+        """The initial values of the named tensors (what a phone starts from)."""
+        return {k: self.initial[k].clone() for k in keys}
+
+
+@dataclass
+class AdapterSpace(AdapterLayout):
     """A PEFT model plus the bookkeeping to move its adapter tensors in and out."""
 
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
-    mode: str
-    global_keys: tuple[str, ...]
-    personal_keys: tuple[str, ...]
     frozen_keys: tuple[str, ...]  # FFA-LoRA's A matrices: fixed by the seed, never sent
-    initial: State  # float32 copy of every trainable adapter tensor right after initialisation
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
         return {k: p for k, p in self.model.named_parameters() if k in self.initial}
@@ -74,15 +90,6 @@ class AdapterSpace:
                     raise ValueError(f"{key}: shape {tuple(value.shape)} != "
                                      f"{tuple(params[key].shape)}")
                 params[key].copy_(value)
-
-    @property
-    def global_coordinates(self) -> int:
-        """Numbers in the global part: what travels, and what user-level noise is added to."""
-        return sum(self.initial[k].numel() for k in self.global_keys)
-
-    def initial_state(self, keys: tuple[str, ...]) -> State:
-        """The initial values of the named tensors (what a phone starts from)."""
-        return {k: self.initial[k].clone() for k in keys}
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters the local optimizer updates: global and personal adapter tensors.

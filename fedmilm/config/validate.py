@@ -141,9 +141,9 @@ def _check_client(cfg: FedMilmConfig, problems: list[str]) -> None:
             problems.append("client.runtime=executorch: the exported program fixes its memory "
                             "plan at export; set client.micro_batch instead of "
                             "client.memory_budget_mb / client.gradient_checkpointing")
-        if cfg.model.quantization != "none":
-            problems.append(f"model.quantization={cfg.model.quantization} is eager-only so far: "
-                            "the ExecuTorch programs carry a float base; use client.runtime=eager")
+        if cfg.model.quantization == "nf4":
+            problems.append("model.quantization=nf4 is eager-only: ExecuTorch's CPU kernels have "
+                            "no 4-bit lookup path; use int8 with client.runtime=executorch")
     if client.export_dir and client.runtime != "executorch":
         problems.append("client.export_dir only applies with client.runtime=executorch")
 

@@ -1,11 +1,14 @@
 """Export a phone's training programs, initial adapter, tokenizer and manifest into a folder.
 
 Layout (all written to a temporary folder, then renamed into place):
-  manifest.json   methods, tensor order and shapes, PEFT key mapping, hyper-parameters, versions
-  train.pte       joint forward/backward over one micro-batch (TrainingModule, method `forward`)
-  adapter.ptd     the trainable adapter tensors `train.pte` loads (the server rewrites this file)
-  adamw.pte       one AdamW update of the adapter tensors
+  manifest.json   methods, tensor order and shapes, PEFT keys, hyper-parameters, versions, hashes
+  base.ptd        the frozen base (int8 decoder linears with model.quantization=int8), shipped
+                  once and loaded by every model program below
+  train.pte       adapter gradients over one micro-batch (adapter tensors are inputs)
+  eval.pte        summed held-out loss and token count over one micro-batch
   dp_grad.pte     (with DP-SGD) per-example gradients, clipping, supplied noise
+  adamw.pte       one AdamW update of the adapter tensors
+  adapter.ptd     the initial adapter tensors (the server sends each round's the same way)
   tokenizer/      the tokenizer files and chat template
 """
 
@@ -17,11 +20,13 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from torch.export import ExportedProgram
 
 from fedmilm.adapters.space import AdapterSpace
 from fedmilm.config import FedMilmConfig
@@ -29,15 +34,17 @@ from fedmilm.export import graphs
 from fedmilm.export.lower import to_executorch
 from fedmilm.export.manifest import (
     FORMAT_VERSION,
+    INITIAL_ADAPTER,
     AdapterTensor,
+    BaseSpec,
     Manifest,
     ProgramSpec,
     TensorSpec,
 )
-from fedmilm.export.ptd import read_ptd, write_ptd
+from fedmilm.export.ptd import write_ptd
 
 log = logging.getLogger("fedmilm.export")
-WRAPPER_PREFIX = "model."  # `graphs.WeightedLoss` holds the PEFT model as `self.model`
+BASE_FILE = "base.ptd"
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW defaults, which the eager phone uses
 
 
@@ -60,6 +67,7 @@ def export_fingerprint(cfg: FedMilmConfig) -> str:
     A bundle is used only when this matches the run's config."""
     sample = cfg.privacy.sample
     model = dataclasses.replace(cfg.model, cache_dir="")  # a host's cache path is not the model
+    # (model.quantization is part of it: the base file holds the quantized weights)
     relevant = (model, cfg.lora, cfg.personalization, cfg.train, cfg.seed,
                 cfg.data.max_length, micro_batch_of(cfg),
                 (cfg.privacy.sample_level, sample.max_grad_norm))
@@ -87,7 +95,6 @@ def ensure_bundle(space: AdapterSpace, cfg: FedMilmConfig, run_dir: Path) -> Pat
         except (OSError, ValueError, KeyError):
             pass  # unreadable or stale: export again
     log.info("exporting the ExecuTorch training programs into %s (once per run)", folder)
-    space.load(space.initial_state(tuple(space.initial)))
     _, timings = export_bundle(space, cfg, folder)
     log.info("exported in %.1f s: %s", sum(timings.seconds.values()),
              ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in timings.sizes.items()))
@@ -106,7 +113,7 @@ def _batch_specs(micro_batch: int, seq_len: int) -> list[TensorSpec]:
 
 def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
                   with_dp: bool | None = None) -> tuple[Manifest, ExportTimings]:
-    """Export `space` (at its current adapter values) for `cfg` into `out`.
+    """Export `space` for `cfg` into `out` (`adapter.ptd`: the adapter's initial values).
 
     `with_dp` (default: whether sample-level DP is configured) adds `dp_grad.pte`.
     """
@@ -118,51 +125,61 @@ def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
                     "client.runtime=executorch")
     micro, seq_len = micro_batch_of(cfg), cfg.data.max_length
     params = dict(zip(space.initial, space.trainable_parameters(), strict=True))
-    keys = list(params)
     adapter = {k: p.detach().to(torch.float32).clone() for k, p in params.items()}
     seconds: dict[str, float] = {}
     files: dict[str, bytes] = {}
+    bases: dict[str, bytes] = {}
 
-    started = time.perf_counter()
-    joint = graphs.train_graph(space.model, micro_batch=micro, seq_len=seq_len)
-    seconds["train_graph"] = time.perf_counter() - started
-    started = time.perf_counter()
-    files["train.pte"], ptd = to_executorch(joint, external_weights=True)
-    seconds["train_lower"] = time.perf_counter() - started
-    program_keys = {k: WRAPPER_PREFIX + k for k in keys}
-    if ptd is None or set(read_ptd(ptd)) != set(program_keys.values()):
-        raise RuntimeError("ExecuTorch named the program's adapter tensors differently than "
-                           "expected; this ExecuTorch version is not supported")
-    files["adapter.ptd"] = write_ptd({program_keys[k]: adapter[k] for k in keys})
-
-    started = time.perf_counter()
-    files["adamw.pte"], _ = to_executorch(graphs.adamw_graph(
-        [t.shape for t in adapter.values()], lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay))
-    seconds["adamw"] = time.perf_counter() - started
-
-    if with_dp:
+    def lowered(name: str, build: Callable[[], ExportedProgram]) -> None:
         started = time.perf_counter()
-        files["dp_grad.pte"], _ = to_executorch(graphs.dp_grad_graph(
-            space.model, adapter, micro_batch=micro, seq_len=seq_len,
-            max_grad_norm=cfg.privacy.sample.max_grad_norm, expected_batch=cfg.train.batch_size))
-        seconds["dp_grad"] = time.perf_counter() - started
+        program = build()
+        seconds[f"{name}_graph"] = time.perf_counter() - started
+        started = time.perf_counter()
+        files[f"{name}.pte"], base = to_executorch(program)
+        seconds[f"{name}_lower"] = time.perf_counter() - started
+        if base is not None:
+            bases[name] = base
 
-    tensors = [AdapterTensor(peft_key=k, program_key=program_keys[k],
-                             shape=list(adapter[k].shape),
+    shape = {"micro_batch": micro, "seq_len": seq_len}
+    lowered("train", lambda: graphs.train_graph(space.model, adapter, **shape))
+    lowered("eval", lambda: graphs.eval_graph(space.model, adapter, **shape))
+    if with_dp:
+        lowered("dp_grad", lambda: graphs.dp_grad_graph(
+            space.model, adapter, **shape, max_grad_norm=cfg.privacy.sample.max_grad_norm,
+            expected_batch=cfg.train.batch_size))
+    lowered("adamw", lambda: graphs.adamw_graph([t.shape for t in adapter.values()],
+                                                lr=cfg.train.lr,
+                                                weight_decay=cfg.train.weight_decay))
+    files[BASE_FILE] = _one_base(bases)
+    files[INITIAL_ADAPTER] = write_ptd({k: space.initial[k] for k in adapter})
+
+    tensors = [AdapterTensor(peft_key=k, program_key=k, shape=list(adapter[k].shape),
                              part="global" if k in space.global_keys else "personal")
-               for k in keys]
-    manifest = _manifest(space, cfg, adapter, tensors, micro=micro, seq_len=seq_len,
+               for k in adapter]
+    base = BaseSpec(file=BASE_FILE, sha256=hashlib.sha256(files[BASE_FILE]).hexdigest(),
+                    size=len(files[BASE_FILE]), dtype=cfg.model.dtype,
+                    quantization=cfg.model.quantization)
+    manifest = _manifest(space, cfg, adapter, tensors, base, micro=micro, seq_len=seq_len,
                          with_dp=with_dp)
     manifest = dataclasses.replace(manifest, sha256={
         name: hashlib.sha256(blob).hexdigest() for name, blob in files.items()
-        if name.endswith(".pte")})
+        if name != BASE_FILE})  # the base's digest is in `base`
     sizes = _write_atomically(out, files, manifest, space)
     return manifest, ExportTimings(seconds=seconds, sizes=sizes)
 
 
+def _one_base(bases: dict[str, bytes]) -> bytes:
+    """The base file all model programs wrote: they must agree byte for byte, or one program
+    would run against weights it was not exported with."""
+    digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in bases.items()}
+    if len(set(digests.values())) != 1 or "train" not in bases:
+        raise RuntimeError(f"the exported programs disagree about the frozen base ({digests}); "
+                           "this model or ExecuTorch version is not supported")
+    return bases["train"]
+
+
 def _manifest(space: AdapterSpace, cfg: FedMilmConfig, adapter: dict[str, torch.Tensor],
-              tensors: list[AdapterTensor], *, micro: int, seq_len: int,
+              tensors: list[AdapterTensor], base: BaseSpec, *, micro: int, seq_len: int,
               with_dp: bool) -> Manifest:
     per_tensor = [_spec(t.peft_key, adapter[t.peft_key]) for t in tensors]
     weight = TensorSpec("example_weight", [micro], "float32")
@@ -173,12 +190,19 @@ def _manifest(space: AdapterSpace, cfg: FedMilmConfig, adapter: dict[str, torch.
 
     programs = {
         "train": ProgramSpec(
-            file="train.pte", method="forward", data_file="adapter.ptd",
-            inputs=[*_batch_specs(micro, seq_len), weight], outputs=[loss],
-            description="sum_i example_weight_i * loss_i (mean next-token cross-entropy of row "
-                        "i over its labelled tokens); TrainingModule.forward_backward gives the "
-                        "gradients of the adapter tensors (program keys), named_parameters() "
-                        "are them in place"),
+            file="train.pte", method="forward", data_file=base.file,
+            inputs=[*renamed("param"), *_batch_specs(micro, seq_len), weight],
+            outputs=[*renamed("grad"), loss],
+            description="gradients of sum_i example_weight_i * loss_i (mean next-token "
+                        "cross-entropy of row i over its labelled tokens) with respect to the "
+                        "adapter tensors, and that sum"),
+        "eval": ProgramSpec(
+            file="eval.pte", method="forward", data_file=base.file,
+            inputs=[*renamed("param"), *_batch_specs(micro, seq_len)],
+            outputs=[TensorSpec("loss_sum", [], "float32"), TensorSpec("tokens", [], "int64")],
+            description="summed next-token cross-entropy over labelled positions and their "
+                        "count; held-out loss = total loss_sum / total tokens. All lora_B "
+                        "tensors zero give the base model's loss"),
         "adamw": ProgramSpec(
             file="adamw.pte", method="forward",
             inputs=[TensorSpec("step", [], "float32"), *renamed("param"), *renamed("grad"),
@@ -192,7 +216,7 @@ def _manifest(space: AdapterSpace, cfg: FedMilmConfig, adapter: dict[str, torch.
         dp = {"max_grad_norm": cfg.privacy.sample.max_grad_norm,
               "expected_batch_size": cfg.train.batch_size}
         programs["dp_grad"] = ProgramSpec(
-            file="dp_grad.pte", method="forward",
+            file="dp_grad.pte", method="forward", data_file=base.file,
             inputs=[*renamed("param"), *_batch_specs(micro, seq_len), *renamed("noise")],
             outputs=[*renamed("grad"), TensorSpec("losses", [micro], "float32")],
             description="(sum_i clip(g_i, max_grad_norm) + noise) / expected_batch_size; "
@@ -212,7 +236,7 @@ def _manifest(space: AdapterSpace, cfg: FedMilmConfig, adapter: dict[str, torch.
         hyper_parameters={"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
                           "betas": list(BETAS), "eps": EPS, "epochs": cfg.train.epochs,
                           "batch_size": cfg.train.batch_size},
-        dp=dp, adapter=tensors, programs=programs,
+        dp=dp, adapter=tensors, base=base, programs=programs,
         versions={name: version(name) for name in ("fedmilm", "torch", "executorch", "peft",
                                                     "transformers")},
         config_fingerprint=export_fingerprint(cfg),

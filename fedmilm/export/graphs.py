@@ -1,17 +1,24 @@
-"""The three computations a phone runs, as `torch.export` graphs ready for ExecuTorch.
+"""The computations a phone runs, as `torch.export` graphs ready for ExecuTorch.
 
-- `train`: one joint forward + backward over a fixed-shape micro-batch. Its trainable tensors
-  (the LoRA adapter) are the program's parameters, so ExecuTorch's `TrainingModule` returns
-  their gradients and lets the phone overwrite them in place.
+Every model program takes the adapter tensors as *inputs* (in the manifest's order) and holds the
+frozen base as constants under stable names (`frozen_base__<module path>`), which lowering moves
+into one external data file, `base.ptd`. So the programs themselves are small, the base ships
+once and every program loads the same file, and a new adapter needs no new file on the phone's
+side of the runtime (ExecuTorch loads one data file per program: the base).
+
+- `train`: gradients of sum_i w_i * loss_i over a fixed-shape micro-batch (`grad_and_value`);
+  with w_i = 1/b for the b real rows and 0 for padding, micro-batches add up to the batch mean.
 - `dp_grad`: the per-example part of a DP-SGD step (Abadi et al. 2016, as Opacus does it):
   per-example gradients (`vmap(grad)`), clipping to `max_grad_norm`, plus Gaussian noise that
-  the caller supplies as an input, divided by the expected batch size. Traced with `make_fx`
-  first, because `torch.export` cannot export `torch.func.grad` directly.
+  the caller supplies as an input, divided by the expected batch size.
+- `eval`: the summed next-token loss over labelled positions and their count (held-out loss per
+  token, as the eager phone computes it; all-zero LoRA B matrices give the base model's).
 - `adamw`: one AdamW update (PyTorch's single-tensor formula), because ExecuTorch's runtime
   only ships SGD and our eager phones train with AdamW.
 
-Shapes are fixed at export (micro-batch x sequence length); callers pad, and padded rows carry
-zero weight (and no labels), so they change nothing.
+Model programs are traced with `make_fx` first (`torch.export` cannot export `torch.func`
+transforms directly), then exported. Shapes are fixed at export (micro-batch x sequence
+length); callers pad, and padded rows carry zero weight (and no labels), so they change nothing.
 """
 
 from __future__ import annotations
@@ -21,13 +28,13 @@ from contextlib import contextmanager
 
 import torch
 from torch.export import ExportedProgram, export
-from torch.export.experimental import _export_forward_backward
 from torch.func import functional_call, grad_and_value, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fedmilm.data.chat import Batch
-from fedmilm.training.loss import per_example_loss
+from fedmilm.training.loss import per_example_loss, token_losses
 
+BASE_PREFIX = "frozen_base__"  # names of the base's constants: lowering sends them to base.ptd
 CLIP_EPSILON = 1e-6  # Opacus's per-sample clip factor: C / (norm + 1e-6)
 
 
@@ -46,33 +53,103 @@ def exportable(model: torch.nn.Module):
         model.train(was_training)
 
 
-class WeightedLoss(torch.nn.Module):
-    """sum_i w_i * loss_i: with w_i = 1/b for the b real rows of a batch and 0 for padding,
-    gradients of micro-batches add up to the gradient of the batch mean."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor, example_weight: torch.Tensor) -> torch.Tensor:
-        losses = per_example_loss(self.model, Batch(input_ids, attention_mask, labels))
-        return (losses * example_weight).sum()
-
-
 def batch_inputs(micro_batch: int, seq_len: int) -> tuple[torch.Tensor, ...]:
     """Example inputs of the exported shapes (values are irrelevant for tracing)."""
     ids = torch.ones((micro_batch, seq_len), dtype=torch.long)
     return ids, torch.ones_like(ids), ids.clone()
 
 
-def train_graph(model: torch.nn.Module, *, micro_batch: int, seq_len: int) -> ExportedProgram:
-    """Joint forward/backward graph; the model's trainable tensors become its parameters."""
-    weights = torch.full((micro_batch,), 1.0 / micro_batch)
+def frozen_constants(model: torch.nn.Module) -> dict[int, str]:
+    """id(tensor) -> stable name for every frozen tensor of `model` (the inner tensors of a
+    quantized weight included), so that tracing names the base the same in every program."""
+    names: dict[int, str] = {}
+    for path, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if getattr(tensor, "requires_grad", False):
+            continue
+        stem = BASE_PREFIX + path.replace(".", "__")
+        names[id(tensor)] = stem
+        if hasattr(tensor, "__tensor_flatten__"):  # int8: qdata and scale are what is stored
+            inner, _ = tensor.__tensor_flatten__()
+            for attribute in inner:
+                names[id(getattr(tensor, attribute))] = f"{stem}__{attribute}"
+    return names
+
+
+def _name_base(graph: torch.fx.GraphModule, names: dict[int, str]) -> torch.fx.GraphModule:
+    """Rename the traced constants that are base tensors (make_fx calls them
+    `_param_constantN` in tracing order) to their stable names."""
+    renamed: dict[str, str] = {}
+    for node in graph.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        if node.target not in renamed:
+            stable = names.get(id(getattr(graph, node.target)))
+            if stable is None:  # a small constant made while tracing: stays in the program
+                continue
+            renamed[node.target] = stable
+            setattr(graph, stable, getattr(graph, node.target))
+        node.target = renamed[node.target]
+    for old in renamed:
+        delattr(graph, old)
+    graph.recompile()
+    return graph
+
+
+def _traced_program(model: torch.nn.Module, fn: Callable[..., tuple],
+                    args: tuple[torch.Tensor, ...]) -> ExportedProgram:
+    """`fn(*args)` traced through `model` into an exported program with a stably named base."""
     with exportable(model):
-        program = export(WeightedLoss(model), (*batch_inputs(micro_batch, seq_len), weights),
-                         strict=False)
-        return _export_forward_backward(program)
+        traced = _name_base(make_fx(fn, tracing_mode="real")(*args), frozen_constants(model))
+        return export(_Traced(traced), args, strict=False)
+
+
+def _adapter_args(adapter: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [adapter[k].detach().to(torch.float32).clone() for k in adapter]
+
+
+def train_function(model: torch.nn.Module, keys: Sequence[str]) -> Callable[..., tuple]:
+    """f(*adapter, input_ids, attention_mask, labels, example_weight) ->
+    (*gradient, sum_i w_i * loss_i)."""
+    count = len(keys)
+
+    def weighted(adapter: tuple[torch.Tensor, ...], ids: torch.Tensor, mask: torch.Tensor,
+                 labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        wrapped = _Functional(model, dict(zip(keys, adapter, strict=True)))
+        return (per_example_loss(wrapped, Batch(ids, mask, labels)) * weight).sum()
+
+    def step(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grads, loss = grad_and_value(weighted)(tuple(args[:count]), *args[count:])
+        return (*grads, loss)
+
+    return step
+
+
+def train_graph(model: torch.nn.Module, adapter: dict[str, torch.Tensor], *, micro_batch: int,
+                seq_len: int) -> ExportedProgram:
+    """`train_function` as an exported graph; inputs in `adapter`'s key order."""
+    weights = torch.full((micro_batch,), 1.0 / micro_batch)
+    args = (*_adapter_args(adapter), *batch_inputs(micro_batch, seq_len), weights)
+    return _traced_program(model, train_function(model, list(adapter)), args)
+
+
+def eval_function(model: torch.nn.Module, keys: Sequence[str]) -> Callable[..., tuple]:
+    """f(*adapter, input_ids, attention_mask, labels) -> (summed token loss, token count)."""
+    count = len(keys)
+
+    def evaluate(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wrapped = _Functional(model, dict(zip(keys, args[:count], strict=True)))
+        token, labelled = token_losses(wrapped, Batch(*args[count:]))
+        return token.sum(), labelled.sum()
+
+    return evaluate
+
+
+def eval_graph(model: torch.nn.Module, adapter: dict[str, torch.Tensor], *, micro_batch: int,
+               seq_len: int) -> ExportedProgram:
+    """`eval_function` as an exported graph; inputs in `adapter`'s key order."""
+    args = (*_adapter_args(adapter), *batch_inputs(micro_batch, seq_len))
+    with torch.no_grad():
+        return _traced_program(model, eval_function(model, list(adapter)), args)
 
 
 def _opacus_clip_sum(grads: Sequence[torch.Tensor], max_grad_norm: float) -> list[torch.Tensor]:
@@ -135,14 +212,11 @@ class _Traced(torch.nn.Module):
 def dp_grad_graph(model: torch.nn.Module, adapter: dict[str, torch.Tensor], *, micro_batch: int,
                   seq_len: int, max_grad_norm: float, expected_batch: int) -> ExportedProgram:
     """`dp_grad_function` as an exported graph; inputs in `adapter`'s key order."""
-    keys = list(adapter)
-    fn = dp_grad_function(model, keys, max_grad_norm=max_grad_norm,
+    fn = dp_grad_function(model, list(adapter), max_grad_norm=max_grad_norm,
                           expected_batch=expected_batch)
-    tensors = [adapter[k].detach().to(torch.float32).clone() for k in keys]
+    tensors = _adapter_args(adapter)
     args = (*tensors, *batch_inputs(micro_batch, seq_len), *[torch.zeros_like(t) for t in tensors])
-    with exportable(model):
-        traced = make_fx(fn, tracing_mode="real")(*args)
-        return export(_Traced(traced), args, strict=False)
+    return _traced_program(model, fn, args)
 
 
 class AdamW(torch.nn.Module):

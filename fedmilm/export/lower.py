@@ -1,5 +1,5 @@
-"""Lower exported graphs to ExecuTorch programs (`.pte` bytes, plus `.ptd` bytes of the
-trainable tensors when they are kept outside the program)."""
+"""Lower exported graphs to ExecuTorch programs (`.pte` bytes, plus the `.ptd` bytes of the
+frozen base when the program keeps it outside)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import io
 import torch
 from executorch.exir import ExecutorchBackendConfig, to_edge
 from torch.export import ExportedProgram
+from torch.fx import Node
+
+from fedmilm.export.graphs import BASE_PREFIX
+
+BASE_TAG = "base"  # the external data file ExecuTorch writes the base's constants into
 
 
 def _core_aten_only(program: ExportedProgram) -> ExportedProgram:
@@ -25,18 +30,18 @@ def _core_aten_only(program: ExportedProgram) -> ExportedProgram:
     return program
 
 
-def to_executorch(program: ExportedProgram, *,
-                  external_weights: bool = False) -> tuple[bytes, bytes | None]:
-    """(`.pte` bytes, `.ptd` bytes or None). With `external_weights` the program's trainable
-    tensors go to the `.ptd`, so a new adapter ships without resending the program."""
+def _base_constant(node: Node) -> str | None:
+    return BASE_TAG if BASE_PREFIX in node.name else None
+
+
+def to_executorch(program: ExportedProgram) -> tuple[bytes, bytes | None]:
+    """(`.pte` bytes, `.ptd` bytes of the base or None). The base's constants (see
+    `graphs.BASE_PREFIX`) go to the `.ptd`, so every program of a bundle shares one base file."""
     lowered = to_edge(_core_aten_only(program.run_decompositions())).to_executorch(
-        ExecutorchBackendConfig(external_mutable_weights=external_weights))
+        ExecutorchBackendConfig(external_constants=_base_constant))
     buffer = io.BytesIO()
     lowered.write_to_file(buffer)
-    data = None
-    if external_weights:
-        blobs = list(lowered._tensor_data.values())
-        if len(blobs) != 1:
-            raise RuntimeError(f"expected one external data file, ExecuTorch made {len(blobs)}")
-        data = bytes(blobs[0])
-    return buffer.getvalue(), data
+    blobs = {name: bytes(blob) for name, blob in lowered._tensor_data.items()}
+    if set(blobs) - {BASE_TAG}:
+        raise RuntimeError(f"ExecuTorch wrote unexpected data files {sorted(blobs)}")
+    return buffer.getvalue(), blobs.get(BASE_TAG)

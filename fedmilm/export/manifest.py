@@ -10,8 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
+INITIAL_ADAPTER = "adapter.ptd"  # every adapter tensor at its exported value
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,17 @@ class AdapterTensor:
 
 
 @dataclass(frozen=True)
+class BaseSpec:
+    """The frozen base every model program loads: one data file, shipped once."""
+
+    file: str
+    sha256: str
+    size: int
+    dtype: str          # the base's float dtype (embeddings, norms, head)
+    quantization: str   # none | int8: the decoder linears as stored in the file
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What `fedmilm-export` wrote, and how to use it."""
 
@@ -59,10 +71,11 @@ class Manifest:
     hyper_parameters: dict[str, float | int | list[float]]
     dp: dict[str, float | int] | None
     adapter: list[AdapterTensor]
+    base: BaseSpec
     programs: dict[str, ProgramSpec]
     versions: dict[str, str]
     config_fingerprint: str
-    sha256: dict[str, str] = field(default_factory=dict)  # program file -> its digest
+    sha256: dict[str, str] = field(default_factory=dict)  # program / adapter file -> digest
     notes: list[str] = field(default_factory=list)
 
     def peft_keys(self) -> list[str]:
@@ -87,6 +100,8 @@ class Manifest:
             raise ValueError(f"{path}: format_version {raw.get('format_version')} is not "
                              f"{FORMAT_VERSION}; re-export with this fedmilm")
         raw["adapter"] = [AdapterTensor(**t) for t in raw["adapter"]]
+        raw["base"] = BaseSpec(**raw["base"])
+        inside(Path(folder), raw["base"].file, f"{path}: base.file")
         for name, program in raw["programs"].items():
             for key in ("file", "data_file"):
                 if program.get(key) is not None:

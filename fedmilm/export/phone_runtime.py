@@ -5,9 +5,12 @@ exactly as the Android app receives them."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
-from fedmilm.adapters.space import AdapterSpace, State
+import torch
+
+from fedmilm.adapters.space import AdapterLayout, AdapterSpace, State
 from fedmilm.config import FedMilmConfig
 from fedmilm.config.schema import TrainConfig
 from fedmilm.data.chat import Example
@@ -15,8 +18,12 @@ from fedmilm.export.bundle import ensure_bundle
 from fedmilm.export.job import TrainJob
 from fedmilm.export.manifest import Manifest
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
-from fedmilm.export.runtime import PhonePrograms, cached_programs, train_with_programs
-from fedmilm.training.runtimes import EagerRuntime
+from fedmilm.export.runtime import (
+    PhonePrograms,
+    cached_programs,
+    heldout_loss,
+    train_with_programs,
+)
 from fedmilm.training.skeleton import DpNoise, TrainStats, planned_steps
 
 
@@ -25,6 +32,13 @@ class ExecuTorchRuntime:
 
     def __init__(self, programs: PhonePrograms) -> None:
         self.programs = programs
+        manifest = programs.manifest
+        parts = {t.peft_key: t.part for t in manifest.adapter}
+        self.layout = AdapterLayout(
+            mode=manifest.personalization,
+            global_keys=tuple(k for k in manifest.peft_keys() if parts[k] == "global"),
+            personal_keys=tuple(k for k in manifest.peft_keys() if parts[k] == "personal"),
+            initial=programs.initial)
 
     @staticmethod
     def check(cfg: FedMilmConfig, space: AdapterSpace) -> None:
@@ -46,15 +60,17 @@ class ExecuTorchRuntime:
         (run_dir / "global_adapter.ptd").write_bytes(adapter_to_ptd(manifest, full))
 
     @classmethod
-    def for_phone(cls, cfg: FedMilmConfig, space: AdapterSpace) -> ExecuTorchRuntime:
-        """The bundle the server exported, read once per process."""
+    def for_phone(cls, cfg: FedMilmConfig,
+                  load_space: Callable[[], AdapterSpace]) -> ExecuTorchRuntime:
+        """The bundle the server exported, read once per process; the eager model is never
+        loaded (`load_space` is not called)."""
         if not cfg.client.export_dir:
             raise ValueError("client.runtime=executorch but no client.export_dir reached the "
                              "phone; the ServerApp sets it when it exports the programs")
         return cls(cached_programs(cfg.client.export_dir))
 
-    def train(self, space: AdapterSpace, state: State, examples: list[Example], *,
-              train: TrainConfig, seed: int, dp: DpNoise | None) -> tuple[State, TrainStats]:
+    def train(self, state: State, examples: list[Example], *, train: TrainConfig, seed: int,
+              dp: DpNoise | None) -> tuple[State, TrainStats]:
         """Hand the on-device runtime a job and the adapter as a `.ptd`; read its `.ptd` back.
         A result that ran other than the planned steps is discarded (the ledger was charged
         for the plan)."""
@@ -74,10 +90,20 @@ class ExecuTorchRuntime:
                            tokens=result.tokens, seconds=result.seconds)
         return ptd_to_adapter(manifest, result_ptd), stats
 
-    def evaluate(self, space: AdapterSpace, *, global_state: State, personal_state: State,
-                 examples: list[Example], batch_size: int,
-                 loss_base: float | None) -> tuple[float, float, float | None]:
-        """Held-out losses with the eager model (no evaluation program is exported yet)."""
-        return EagerRuntime().evaluate(space, global_state=global_state,
-                                       personal_state=personal_state, examples=examples,
-                                       batch_size=batch_size, loss_base=loss_base)
+    def evaluate(self, *, global_state: State, personal_state: State, examples: list[Example],
+                 batch_size: int, loss_base: float | None) -> tuple[float, float, float | None]:
+        """Held-out losses through the evaluation program (`batch_size` is the exported
+        micro-batch's). The base model's is the adapter with every lora_B zero: LoRA then adds
+        exact zeros to each layer."""
+        initial = self.programs.initial
+        with_global = {**initial, **global_state}
+        if loss_base is None:
+            base = {k: torch.zeros_like(v) if ".lora_B." in k else v
+                    for k, v in with_global.items()}
+            loss_base = heldout_loss(self.programs, base, examples)
+        loss_global = heldout_loss(self.programs, with_global, examples)
+        loss_personal = None
+        if self.layout.personal_keys:
+            loss_personal = heldout_loss(self.programs, {**with_global, **personal_state},
+                                         examples)
+        return loss_base, loss_global, loss_personal

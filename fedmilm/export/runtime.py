@@ -11,57 +11,81 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
-from executorch.extension.training import TrainingModule
 
-from fedmilm.data.chat import IGNORE, Batch, Example
+from fedmilm.data.chat import IGNORE, Batch, Example, batches
 from fedmilm.export.job import JobResult, TrainJob
-from fedmilm.export.manifest import Manifest, inside
+from fedmilm.export.manifest import INITIAL_ADAPTER, Manifest, inside
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
 from fedmilm.privacy.randomness import private_random
 from fedmilm.training.skeleton import DpNoise, run_steps
 
 
-@dataclass(frozen=True)
 class PhonePrograms:
-    """An exported bundle in memory: what a phone downloads once."""
+    """An exported bundle in memory: what a phone downloads once. Programs are loaded into
+    ExecuTorch on first use and kept; they all read the one base buffer."""
 
-    folder: Path
-    manifest: Manifest
-    train: bytes
-    adamw: bytes
-    dp_grad: bytes | None
+    def __init__(self, folder: Path, manifest: Manifest, programs: dict[str, bytes],
+                 base: bytes, initial: dict[str, torch.Tensor]) -> None:
+        self.folder, self.manifest = folder, manifest
+        self._programs, self._base = programs, base  # referenced: the runtime does not copy
+        self.initial = initial  # every adapter tensor at its exported (initial) value
+        self._loaded: dict[str, object] = {}
 
     @staticmethod
     def load(folder: Path) -> PhonePrograms:
-        """Read a bundle, verifying every program against the manifest's sha256 and
-        ExecuTorch's file identifier before anything reaches the runtime: a corrupt or
-        swapped program is a clear `ValueError`, never a crashed process."""
+        """Read a bundle, verifying every program and the base against the manifest's sha256
+        (and programs against ExecuTorch's file identifier) before anything reaches the
+        runtime: a corrupt, swapped or mismatched file is a clear `ValueError`, never a crashed
+        process or a program running on weights it was not exported with."""
         folder = Path(folder)
         manifest = Manifest.read(folder)
-        programs = manifest.programs
-        dp = programs.get("dp_grad")
-        return PhonePrograms(folder=folder, manifest=manifest,
-                             train=_verified(folder, manifest, programs["train"].file),
-                             adamw=_verified(folder, manifest, programs["adamw"].file),
-                             dp_grad=None if dp is None else _verified(folder, manifest,
-                                                                       dp.file))
+        programs = {name: _verified(folder, manifest, spec.file)
+                    for name, spec in manifest.programs.items()}
+        initial = ptd_to_adapter(manifest, _verified(folder, manifest, INITIAL_ADAPTER))
+        return PhonePrograms(folder, manifest, programs, _verified_base(folder, manifest),
+                             initial)
+
+    def has(self, name: str) -> bool:
+        return name in self._programs
+
+    def module(self, name: str):  # noqa: ANN201 - ExecuTorch's module type is private
+        """The loaded program `name` (train, eval, dp_grad, adamw)."""
+        if name not in self._loaded:
+            data = self._base if self.manifest.programs[name].data_file else None
+            self._loaded[name] = _load_for_executorch_from_buffer(self._programs[name], data)
+        return self._loaded[name]
 
 
 def _verified(folder: Path, manifest: Manifest, name: str) -> bytes:
-    """The bytes of program `name`, checked against the manifest before any parsing."""
+    """The bytes of bundle file `name`, checked against the manifest before any parsing."""
     blob = inside(folder, name, f"{folder}/manifest.json").read_bytes()
     expected = manifest.sha256.get(name)
     if expected is None or hashlib.sha256(blob).hexdigest() != expected:
         raise ValueError(f"{folder / name} does not match the sha256 in its manifest: the "
                          "bundle is corrupt or was altered; re-export it")
-    if not re.fullmatch(rb"ET[0-9]{2}", blob[4:8]):
+    if name.endswith(".pte") and not re.fullmatch(rb"ET[0-9]{2}", blob[4:8]):
         raise ValueError(f"{folder / name} is not an ExecuTorch program")
+    return blob
+
+
+def _verified_base(folder: Path, manifest: Manifest) -> bytes:
+    """The base file, read once and checked against the manifest (size first: a wrong file
+    is refused before it is read whole)."""
+    spec = manifest.base
+    path = inside(folder, spec.file, f"{folder}/manifest.json")
+    if path.stat().st_size != spec.size:
+        raise ValueError(f"{path} is {path.stat().st_size} bytes, the manifest's base has "
+                         f"{spec.size}: it is another model's base; re-export the bundle")
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != spec.sha256:
+        raise ValueError(f"{path} does not match the base's sha256 in the manifest: it is "
+                         "another model's base or corrupt; re-export the bundle")
     return blob
 
 
@@ -88,18 +112,12 @@ def pad_to_program(batch: Batch, *, rows: int, seq_len: int, pad_id: int) -> Bat
 class ExecuTorchEngine:
     """The skeleton's arithmetic through the loaded programs; the adapter tensors they update."""
 
-    def __init__(self, programs: PhonePrograms, adapter_ptd: bytes, *, batch_size: int) -> None:
-        self.manifest = programs.manifest
-        self.names = [t.program_key for t in self.manifest.adapter]
-        state = ptd_to_adapter(self.manifest, adapter_ptd)  # refuses a .ptd for other programs
-        self.adapter = [state[k] for k in self.manifest.peft_keys()]
-        self._ptd = adapter_ptd  # kept referenced: the runtime reads the buffer, it does not copy
-        self.train = TrainingModule(_load_for_executorch_from_buffer(programs.train, self._ptd))
-        self.adamw = _load_for_executorch_from_buffer(programs.adamw)
-        self.dp_grad = (None if programs.dp_grad is None
-                        else _load_for_executorch_from_buffer(programs.dp_grad))
-        self.exp_avg = [torch.zeros_like(t) for t in self.adapter]
-        self.exp_avg_sq = [torch.zeros_like(t) for t in self.adapter]
+    def __init__(self, programs: PhonePrograms, adapter: list[torch.Tensor], *,
+                 batch_size: int) -> None:
+        self.manifest, self.programs = programs.manifest, programs
+        self.adapter = adapter
+        self.exp_avg = [torch.zeros_like(t) for t in adapter]
+        self.exp_avg_sq = [torch.zeros_like(t) for t in adapter]
         self.batch_size, self.steps = batch_size, 0
         self.total: list[torch.Tensor] | None = None
 
@@ -111,21 +129,19 @@ class ExecuTorchEngine:
         padded = pad_to_program(part, rows=self.manifest.micro_batch,
                                 seq_len=self.manifest.seq_len,
                                 pad_id=int(self.manifest.tokenizer["pad_token_id"]))
+        batch = (padded.input_ids, padded.attention_mask, padded.labels)
         if dp:  # (sum of clipped per-example gradients) / expected batch; the noise comes in step
-            assert self.dp_grad is not None
             zeros = [torch.zeros_like(t) for t in self.adapter]
-            out = self.dp_grad.run_method("forward", (*self.adapter, padded.input_ids,
-                                                      padded.attention_mask, padded.labels,
-                                                      *zeros))
-            grads, loss_sum = [t.clone() for t in out[:-1]], float(out[-1].sum())
+            out = self.programs.module("dp_grad").run_method("forward",
+                                                             (*self.adapter, *batch, *zeros))
+            loss_sum = float(out[-1].sum())
         else:  # gradients of sum_i loss_i / rows over the real rows; padded rows weigh 0
             weights = torch.zeros(self.manifest.micro_batch)
             weights[:real] = 1.0 / rows
-            loss = self.train.forward_backward("forward", (padded.input_ids,
-                                                           padded.attention_mask,
-                                                           padded.labels, weights))[0]
-            named = self.train.named_gradients()
-            grads, loss_sum = [named[n].clone() for n in self.names], float(loss) * rows
+            out = self.programs.module("train").run_method("forward",
+                                                           (*self.adapter, *batch, weights))
+            loss_sum = float(out[-1]) * rows
+        grads = [t.clone() for t in out[:-1]]
         self.total = grads if self.total is None else [t + g for t, g in zip(self.total, grads,
                                                                              strict=True)]
         return loss_sum
@@ -138,15 +154,31 @@ class ExecuTorchEngine:
         self.total = None
         self.steps += 1
         n = len(self.adapter)
-        out = self.adamw.run_method("forward", (torch.tensor(float(self.steps)), *self.adapter,
-                                                *grads, *self.exp_avg, *self.exp_avg_sq))
+        out = self.programs.module("adamw").run_method(
+            "forward", (torch.tensor(float(self.steps)), *self.adapter, *grads, *self.exp_avg,
+                        *self.exp_avg_sq))
         self.adapter = [t.clone() for t in out[:n]]
         self.exp_avg = [t.clone() for t in out[n:2 * n]]
         self.exp_avg_sq = [t.clone() for t in out[2 * n:]]
-        if self.train.named_params is not None:  # write the new adapter into the program
-            params = self.train.named_parameters()
-            for name, value in zip(self.names, self.adapter, strict=True):
-                params[name].copy_(value)
+
+
+def heldout_loss(programs: PhonePrograms, adapter: Mapping[str, torch.Tensor],
+                 examples: list[Example]) -> float:
+    """Mean held-out loss per assistant token through the evaluation program, with every
+    adapter tensor given (all lora_B zero: the base model's loss)."""
+    manifest = programs.manifest
+    inputs = [adapter[k] for k in manifest.peft_keys()]
+    pad_id = int(manifest.tokenizer["pad_token_id"])
+    total, count = 0.0, 0
+    for batch in batches(examples, batch_size=manifest.micro_batch, pad_id=pad_id):
+        padded = pad_to_program(batch, rows=manifest.micro_batch, seq_len=manifest.seq_len,
+                                pad_id=pad_id)
+        loss, tokens = programs.module("eval").run_method(
+            "forward", (*inputs, padded.input_ids, padded.attention_mask, padded.labels))
+        total, count = total + float(loss), count + int(tokens)
+    if count == 0:
+        raise ValueError("no assistant tokens to evaluate on (all truncated away?)")
+    return total / count
 
 
 def train_with_programs(programs: PhonePrograms, adapter_ptd: bytes, examples: list[Example],
@@ -155,9 +187,11 @@ def train_with_programs(programs: PhonePrograms, adapter_ptd: bytes, examples: l
     AdamW, Opacus clipping and noise draws as the eager phone for the same seed. Returns the
     trained adapter as a `.ptd` and the job's result."""
     manifest = programs.manifest
-    if job.dp and programs.dp_grad is None:
+    if job.dp and not programs.has("dp_grad"):
         raise ValueError(f"{programs.folder} has no dp_grad.pte; re-export with sample-level DP")
-    engine = ExecuTorchEngine(programs, adapter_ptd, batch_size=job.batch_size)
+    state = ptd_to_adapter(manifest, adapter_ptd)  # refuses a .ptd for other programs
+    engine = ExecuTorchEngine(programs, [state[k] for k in manifest.peft_keys()],
+                              batch_size=job.batch_size)
     # Shuffling (no DP) follows the job's seed; DP-SGD's masks and noise come from the phone's
     # CSPRNG unless a virtual phone in a test asked for reproducible DP with `seed`.
     seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(7), "little")

@@ -43,10 +43,10 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     copies (5x the result's size at its peak, on every use of every layer)."""
     if isinstance(weight, NF4Tensor):
         return _nf4_dense(weight, dtype)
-    zero = getattr(weight, "zero_point", None)
-    if zero is not None and bool(zero.any()):
-        return weight.dequantize(dtype)
-    return weight.qdata.to(dtype).mul_(weight.scale.to(dtype).view(-1, 1))
+    scale = weight.scale.to(dtype)
+    if scale.dim() == 1:  # torchao keeps per-row scales as (out, 1); a view of a constant
+        scale = scale.view(-1, 1)  # would not lower to ExecuTorch
+    return weight.qdata.to(dtype).mul_(scale)  # symmetric: no zero point
 
 
 def _nf4_dense(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -76,19 +76,26 @@ _PAIR_WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.flo
 
 
 class _DequantizingLinear(torch.autograd.Function):
-    """y = x W^T + b for a frozen quantized W, saving W quantized (not its float copy)."""
+    """y = x W^T + b for a frozen quantized W, keeping W quantized (not its float copy) for the
+    backward pass. Written in functorch's form (`setup_context`, a generated vmap rule), so
+    the exported programs can trace it through `grad` and `vmap`; the layer travels as a
+    plain object, since functorch would unwrap a quantized tensor passed as an input."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # noqa: ANN001
-                bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        return F.linear(x, dense_weight(weight, x.dtype), bias)
+    def forward(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        return F.linear(x, dense_weight(layer.weight, x.dtype), layer.bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
+        ctx.layer = inputs[1]  # frozen: nothing to track for autograd
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        (weight,) = ctx.saved_tensors
-        grad_x = grad @ dense_weight(weight, grad.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ dense_weight(ctx.layer.weight, grad.dtype), None
 
 
 class QuantizedLinear(nn.Module):
@@ -100,6 +107,10 @@ class QuantizedLinear(nn.Module):
         weight = linear.weight.detach()
         if method == "int8":
             quantized = Int8Tensor.from_hp(weight, granularity=PerRow())
+            zero = getattr(quantized, "zero_point", None)
+            if zero is not None and bool(zero.any()):  # `dense_weight` assumes symmetric
+                raise RuntimeError("torchao quantized a weight asymmetrically; this torchao "
+                                   "version is not supported")
         elif method == "nf4":
             quantized = NF4Tensor.from_tensor(weight, NF4_BLOCK,
                                               scaler_block(weight.numel() // NF4_BLOCK))
@@ -111,7 +122,7 @@ class QuantizedLinear(nn.Module):
         self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DequantizingLinear.apply(x, self.weight, self.bias)
+        return _DequantizingLinear.apply(x, self)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.method}"

@@ -17,16 +17,21 @@ def _on_model_device(model: torch.nn.Module, batch: Batch) -> Batch:
                  batch.labels.to(device))
 
 
-def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labelled positions, number of such positions)."""
+def token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, T-1) next-token cross-entropies, 0 where unlabelled; (B, T-1) labelled mask)."""
     batch = _on_model_device(model, batch)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     # Predict token t+1 from positions <= t: logits (B, T-1, V) against labels (B, T-1).
-    shifted = logits[:, :-1].float()
-    targets = batch.labels[:, 1:]
-    total = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
-    return total, int((targets != IGNORE).sum())
+    shifted, targets = logits[:, :-1].float(), batch.labels[:, 1:]
+    token = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
+                            ignore_index=IGNORE, reduction="none").view(targets.shape)
+    return token, targets != IGNORE
+
+
+def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over labelled positions, number of such positions)."""
+    token, labelled = token_losses(model, batch)
+    return token.sum(), int(labelled.sum())
 
 
 def per_example_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -35,13 +40,8 @@ def per_example_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     Each interaction counts once whatever its length: the unit DP-SGD clips and the training
     objective agree.
     """
-    batch = _on_model_device(model, batch)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    shifted, targets = logits[:, :-1].float(), batch.labels[:, 1:]  # (B, T-1, V), (B, T-1)
-    token = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
-                            ignore_index=IGNORE, reduction="none").view(targets.shape)  # (B, T-1)
-    counts = (targets != IGNORE).sum(dim=1).clamp(min=1)
-    return token.sum(dim=1) / counts
+    token, labelled = token_losses(model, batch)
+    return token.sum(dim=1) / labelled.sum(dim=1).clamp(min=1)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """One phone's work in a round: train or evaluate given the global and personal tensors.
 
-Pure functions over an `AdapterSpace`: no Flower, no storage. The ClientApp (and the benchmarks)
+Pure functions over a `PhoneRuntime`: no Flower, no storage. The ClientApp (and the benchmarks)
 call these, so simulation, deployment and the no-Flower baseline run the very same code.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedmilm.adapters.space import AdapterSpace, State
+from fedmilm.adapters.space import State
 from fedmilm.config.schema import TrainConfig
 from fedmilm.data.chat import Example
 from fedmilm.privacy.user_level import clip_update, l2_norm
@@ -36,8 +36,8 @@ class EvalOutcome:
     examples: int
 
 
-def train_phone(runtime: PhoneRuntime, space: AdapterSpace, *, global_state: State,
-                personal_state: State, examples: list[Example], train: TrainConfig, seed: int,
+def train_phone(runtime: PhoneRuntime, *, global_state: State, personal_state: State,
+                examples: list[Example], train: TrainConfig, seed: int,
                 dp: DpSgd | None = None, clip_norm: float | None = None) -> TrainOutcome:
     """Train both parts locally on `runtime` (DP-SGD when `dp` is set), return the update of the
     global part (clipped to `clip_norm` for user-level DP) and the new personal part.
@@ -51,10 +51,11 @@ def train_phone(runtime: PhoneRuntime, space: AdapterSpace, *, global_state: Sta
                            sample_rate=dp_sample_rate(n, batch_size=train.batch_size),
                            num_steps=planned_steps(n, epochs=train.epochs,
                                                    batch_size=train.batch_size))
-    trained, stats = runtime.train(space, {**global_state, **personal_state}, examples,
-                                   train=train, seed=seed, dp=None if dp is None else dp.noise)
-    personal = {k: trained[k] for k in space.personal_keys}
-    update = {k: trained[k] - global_state[k] for k in space.global_keys}
+    trained, stats = runtime.train({**global_state, **personal_state}, examples, train=train,
+                                   seed=seed, dp=None if dp is None else dp.noise)
+    layout = runtime.layout
+    personal = {k: trained[k] for k in layout.personal_keys}
+    update = {k: trained[k] - global_state[k] for k in layout.global_keys}
     within = None
     if clip_norm is not None:
         within = l2_norm(update) <= clip_norm
@@ -62,15 +63,15 @@ def train_phone(runtime: PhoneRuntime, space: AdapterSpace, *, global_state: Sta
     return TrainOutcome(update=update, personal=personal, stats=stats, within_clip=within)
 
 
-def evaluate_phone(runtime: PhoneRuntime, space: AdapterSpace, *, global_state: State,
-                   personal_state: State, examples: list[Example], batch_size: int,
+def evaluate_phone(runtime: PhoneRuntime, *, global_state: State, personal_state: State,
+                   examples: list[Example], batch_size: int,
                    loss_base: float | None = None) -> EvalOutcome:
     """Losses of base, base + global, base + global + personal on held-out examples.
 
     The base model and the held-out set never change, so a caller may pass `loss_base` from an
     earlier evaluation of the same phone and save a third of the work.
     """
-    base, global_, personal = runtime.evaluate(space, global_state=global_state,
+    base, global_, personal = runtime.evaluate(global_state=global_state,
                                                personal_state=personal_state, examples=examples,
                                                batch_size=batch_size, loss_base=loss_base)
     return EvalOutcome(loss_base=base, loss_global=global_, loss_personal=personal,

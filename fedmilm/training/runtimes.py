@@ -5,8 +5,9 @@ A runtime answers four questions, and nothing outside this interface asks which 
 - `check(cfg, space)`: can phones of this config run at all (start-up, one line on failure)?
 - `prepare_run(cfg, space, run_dir)`: what the server does once per run before phones start;
   returns the config the phones receive; `finish_run(...)`: what it leaves for phones after;
-- `for_phone(cfg, space)`: the runtime a phone builds once per process (its memory plan, its
-  loaded programs);
+- `for_phone(cfg, load_space)`: the runtime a phone builds once per process (eager: the model
+  and its memory plan; ExecuTorch: the loaded programs, without ever loading the model);
+- `layout`: the adapter tensors it trains (keys, parts, initial values);
 - `train` / `evaluate`: one local training and one held-out evaluation.
 
 Eager (PyTorch + PEFT + Opacus) lives here; ExecuTorch (`fedmilm.export.phone_runtime`) is
@@ -17,11 +18,12 @@ imported only by phones that name it. Both train through the shared skeleton
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from importlib import import_module
 from pathlib import Path
 from typing import Protocol
 
-from fedmilm.adapters.space import AdapterSpace, State
+from fedmilm.adapters.space import AdapterLayout, AdapterSpace, State
 from fedmilm.config import FedMilmConfig
 from fedmilm.config.schema import TrainConfig
 from fedmilm.data.chat import Example, batches
@@ -36,14 +38,15 @@ log = logging.getLogger("fedmilm.runtime")
 class PhoneRuntime(Protocol):
     """One phone's runtime for one config (see the module docstring)."""
 
-    def train(self, space: AdapterSpace, state: State, examples: list[Example], *,
-              train: TrainConfig, seed: int, dp: DpNoise | None) -> tuple[State, TrainStats]:
+    layout: AdapterLayout
+
+    def train(self, state: State, examples: list[Example], *, train: TrainConfig, seed: int,
+              dp: DpNoise | None) -> tuple[State, TrainStats]:
         """Train from `state` (every adapter tensor); the trained tensors and what it did."""
         ...
 
-    def evaluate(self, space: AdapterSpace, *, global_state: State, personal_state: State,
-                 examples: list[Example], batch_size: int,
-                 loss_base: float | None) -> tuple[float, float, float | None]:
+    def evaluate(self, *, global_state: State, personal_state: State, examples: list[Example],
+                 batch_size: int, loss_base: float | None) -> tuple[float, float, float | None]:
         """(base, base + global, base + global + personal or None) held-out losses; the base's
         is recomputed only when `loss_base` is None."""
         ...
@@ -52,7 +55,8 @@ class PhoneRuntime(Protocol):
 class EagerRuntime:
     """PyTorch + PEFT on the phone, Opacus for DP-SGD, within the phone's memory plan."""
 
-    def __init__(self, plan: MemoryPlan | None = None) -> None:
+    def __init__(self, space: AdapterSpace, plan: MemoryPlan | None = None) -> None:
+        self.space = self.layout = space
         self.plan = plan
 
     @staticmethod
@@ -74,14 +78,16 @@ class EagerRuntime:
         """Nothing: the run directory's PEFT adapter is what eager phones load."""
 
     @classmethod
-    def for_phone(cls, cfg: FedMilmConfig, space: AdapterSpace) -> EagerRuntime:
+    def for_phone(cls, cfg: FedMilmConfig,
+                  load_space: Callable[[], AdapterSpace]) -> EagerRuntime:
         """Planned from what this process holds with the model loaded, measured here."""
-        return cls(plan_for(cfg, space.model, resident=resident_bytes()))
+        space = load_space()
+        return cls(space, plan_for(cfg, space.model, resident=resident_bytes()))
 
-    def train(self, space: AdapterSpace, state: State, examples: list[Example], *,
-              train: TrainConfig, seed: int, dp: DpNoise | None) -> tuple[State, TrainStats]:
+    def train(self, state: State, examples: list[Example], *, train: TrainConfig, seed: int,
+              dp: DpNoise | None) -> tuple[State, TrainStats]:
+        space, plan = self.space, self.plan
         space.load(state)
-        plan = self.plan
         with gradient_checkpointing(space.model, plan is not None and plan.checkpointing):
             stats = train_local(space.model, space.trainable_parameters(), examples,
                                 epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
@@ -90,9 +96,9 @@ class EagerRuntime:
                                 micro_batch=None if plan is None else plan.micro_batch)
         return space.state(tuple(space.initial)), stats
 
-    def evaluate(self, space: AdapterSpace, *, global_state: State, personal_state: State,
-                 examples: list[Example], batch_size: int,
-                 loss_base: float | None) -> tuple[float, float, float | None]:
+    def evaluate(self, *, global_state: State, personal_state: State, examples: list[Example],
+                 batch_size: int, loss_base: float | None) -> tuple[float, float, float | None]:
+        space = self.space
         held = batches(examples, batch_size=batch_size, pad_id=space.tokenizer.pad_token_id)
         if loss_base is None:
             with space.model.disable_adapter():

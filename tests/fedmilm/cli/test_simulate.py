@@ -261,8 +261,9 @@ def test_executorch_phones_train_only_through_exported_programs_and_learn(tmp_pa
          f"client.export_dir={bundle}", f"hydra.run.dir={tmp_path / 'export-run'}"],
         capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert {p.name for p in bundle.iterdir()} == {"train.pte", "adapter.ptd", "adamw.pte",
-                                                   "manifest.json", "tokenizer"}
+    assert {p.name for p in bundle.iterdir()} == {"train.pte", "eval.pte", "adamw.pte",
+                                                   "base.ptd", "adapter.ptd", "manifest.json",
+                                                   "tokenizer"}
     done = _simulate([*same, f"client.export_dir={bundle}",
                       f"hydra.run.dir={run_dir}"])
     assert done.returncode == 0, done.stderr[-3000:]

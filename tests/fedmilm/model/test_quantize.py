@@ -142,7 +142,7 @@ def test_the_memory_planner_counts_the_base_as_stored(spaces):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["model.quantization=int4"], "model.quantization"),
-    (["model.quantization=int8", "client.runtime=executorch"], "eager-only so far"),
+    (["model.quantization=nf4", "client.runtime=executorch"], "nf4 is eager-only"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

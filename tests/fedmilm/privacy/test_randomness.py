@@ -72,7 +72,7 @@ def test_empty_poisson_draws_take_noise_only_steps_and_are_charged():
     before = space.state(space.global_keys)
     accountant = Accountant("prv")
     train = dataclasses.replace(cfg.train, epochs=1, batch_size=4, lr=0.05, weight_decay=0.0)
-    stats = train_phone(EagerRuntime(), space, global_state=before, personal_state={},
+    stats = train_phone(EagerRuntime(space), global_state=before, personal_state={},
                         examples=examples, train=train, seed=0,
                         dp=DpSgd(1.0, 1.0, accountant, _NeverSamples())).stats
     steps = planned_steps(len(examples), epochs=1, batch_size=4)

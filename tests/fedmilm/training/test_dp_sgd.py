@@ -32,7 +32,7 @@ def setup():
 def _dp_train(cfg, space, examples, *, noise=0.5, clip=1.0, seed=3):
     accountant = Accountant("prv")
     train = dataclasses.replace(cfg.train, epochs=2, batch_size=8)
-    outcome = train_phone(EagerRuntime(), space,
+    outcome = train_phone(EagerRuntime(space),
                           global_state=space.initial_state(space.global_keys),
                           personal_state=space.initial_state(space.personal_keys),
                           examples=examples, train=train, seed=seed,
@@ -97,7 +97,7 @@ def test_ffa_freezes_a_trains_b_and_exports_a_loadable_adapter(tmp_path):
     frozen_before = {k: p.detach().clone() for k, p in space.model.named_parameters()
                      if k in space.frozen_keys}
     examples = encode_all(space.tokenizer, load_user(cfg.data, user=0, seed=0).train, 128)
-    outcome = train_phone(EagerRuntime(), space,
+    outcome = train_phone(EagerRuntime(space),
                           global_state=space.initial_state(space.global_keys),
                           personal_state={}, examples=examples, train=cfg.train, seed=0)
     assert set(outcome.update) == set(space.global_keys)

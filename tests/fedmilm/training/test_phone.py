@@ -20,7 +20,7 @@ def setup(request):
 
 
 def _train(cfg, space, examples, seed=1):
-    return train_phone(EagerRuntime(), space, global_state=space.initial_state(space.global_keys),
+    return train_phone(EagerRuntime(space), global_state=space.initial_state(space.global_keys),
                        personal_state=space.initial_state(space.personal_keys),
                        examples=examples, train=cfg.train, seed=seed)
 
@@ -43,13 +43,13 @@ def test_training_is_deterministic_by_seed(setup):
 
 def test_training_lowers_the_loss_on_what_it_trained(setup):
     cfg, space, examples = setup
-    before = evaluate_phone(EagerRuntime(), space,
+    before = evaluate_phone(EagerRuntime(space),
                             global_state=space.initial_state(space.global_keys),
                             personal_state=space.initial_state(space.personal_keys),
                             examples=examples, batch_size=8)
     outcome = _train(cfg, space, examples)
     trained_global = {k: space.initial[k] + outcome.update[k] for k in outcome.update}
-    after = evaluate_phone(EagerRuntime(), space, global_state=trained_global,
+    after = evaluate_phone(EagerRuntime(space), global_state=trained_global,
                            personal_state=outcome.personal, examples=examples, batch_size=8)
     best_after = after.loss_personal if after.loss_personal is not None else after.loss_global
     assert best_after < before.loss_global
@@ -58,7 +58,7 @@ def test_training_lowers_the_loss_on_what_it_trained(setup):
 
 def test_evaluation_semantics_per_mode(setup):
     cfg, space, examples = setup
-    initial = evaluate_phone(EagerRuntime(), space,
+    initial = evaluate_phone(EagerRuntime(space),
                              global_state=space.initial_state(space.global_keys),
                              personal_state=space.initial_state(space.personal_keys),
                              examples=examples, batch_size=8)
