@@ -23,7 +23,7 @@ from fedmilm.privacy import Accountant
 from fedmilm.privacy.randomness import SeededRandom
 from fedmilm.training import DpSgd, per_example_loss, planned_steps, train_local, train_phone
 from fedmilm.training.memory import MemoryPlan
-from fedmilm.training.runtimes import EagerRuntime
+from fedmilm.training.runtimes import EagerRuntime, runtime_class
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.export,  # lowering the model takes ~40 s: `make test-fast` skips it
@@ -378,3 +378,24 @@ def test_an_int8_base_trains_and_evaluates_through_executorch_as_eager_int8_does
                                batch_size=MICRO, loss_base=None)
               for runtime in (EagerRuntime(space), ExecuTorchRuntime(programs))]
     assert losses[1][:2] == pytest.approx(losses[0][:2], rel=1e-5)
+
+
+def test_an_executorch_phone_never_loads_the_eager_model(exported):
+    cfg, space, start, programs, _ = exported
+    phone_cfg = tiny_config(*OVERRIDES, "client.runtime=executorch",
+                            f"client.export_dir={programs.folder}")
+
+    def load_space():
+        raise AssertionError("the ExecuTorch phone loaded the eager model")
+
+    runtime = runtime_class("executorch").for_phone(phone_cfg, load_space)
+    assert runtime.layout.global_keys == space.global_keys
+    assert runtime.layout.personal_keys == space.personal_keys
+    examples = random_examples(5, seed=15)
+    trained, stats = runtime.train(dict(start), examples, train=cfg.train, seed=1, dp=None)
+    assert stats.steps > 0 and set(trained) == set(start)
+    base, global_, personal = runtime.evaluate(
+        global_state={k: trained[k] for k in space.global_keys},
+        personal_state={k: trained[k] for k in space.personal_keys}, examples=examples,
+        batch_size=MICRO, loss_base=None)
+    assert personal < base  # it learned what it trained on

@@ -27,7 +27,8 @@ class Bridge(private val base: String, private val token: String, private val de
         val dir = File(root, bundleId)
         if (File(dir, "manifest.json").isFile) return dir
         val partial = File(root, "$bundleId.partial").apply { deleteRecursively(); mkdirs() }
-        for (name in listOf("manifest.json", "train.pte", "adamw.pte", "dp_grad.pte")) {
+        for (name in listOf("manifest.json", "base.ptd", "train.pte", "eval.pte", "adamw.pte",
+                             "dp_grad.pte")) {
             val conn = open("/v1/bundles/$bundleId/$name")
             if (conn.responseCode == 404 && name == "dp_grad.pte") continue
             conn.inputStream.use { input -> File(partial, name).outputStream().use { input.copyTo(it) } }
@@ -36,9 +37,14 @@ class Bridge(private val base: String, private val token: String, private val de
         return dir
     }
 
-    fun downloadAdapter(offer: JobOffer, into: File): File {
-        open(offer.adapterPath).inputStream.use { input -> into.outputStream().use { input.copyTo(it) } }
-        return into
+    /** Every adapter tensor, float32 little-endian in manifest order (the programs take the
+     *  adapter as inputs, so the phone needs no FlatTensor reader). */
+    fun downloadAdapter(offer: JobOffer, bundle: BundleManifest): List<FloatArray> {
+        val bytes = open(offer.adapterPath).inputStream.use { it.readBytes() }
+        val buffer = ByteBuffer.wrap(bytes).order(ByteOrder.LITTLE_ENDIAN)
+        val sizes = bundle.adapter.map { t -> t.shape.fold(1L) { a, b -> a * b }.toInt() }
+        check(bytes.size == sizes.sum() * 4) { "adapter download has the wrong size" }
+        return sizes.map { n -> FloatArray(n) { buffer.getFloat() } }
     }
 
     /** Only the global tensors leave the phone: float32 little-endian, manifest order. */

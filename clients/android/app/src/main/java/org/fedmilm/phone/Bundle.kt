@@ -15,11 +15,13 @@ data class BundleManifest(
     val padTokenId: Long,
     val adapter: List<AdapterTensor>,
     val hasDp: Boolean,
+    val baseFile: File,    // the frozen base every model program loads (shipped once)
+    val baseSha256: String,
 ) {
     fun file(program: String): File = File(dir, "$program.pte")
 
     companion object {
-        const val FORMAT_VERSION = 1
+        const val FORMAT_VERSION = 3
 
         fun read(dir: File): BundleManifest {
             val json = JSONObject(File(dir, "manifest.json").readText())
@@ -41,6 +43,8 @@ data class BundleManifest(
                 padTokenId = json.getJSONObject("tokenizer").getLong("pad_token_id"),
                 adapter = adapter,
                 hasDp = json.getJSONObject("programs").has("dp_grad"),
+                baseFile = File(dir, File(json.getJSONObject("base").getString("file")).name),
+                baseSha256 = json.getJSONObject("base").getString("sha256"),
             )
         }
     }

@@ -20,10 +20,10 @@ class TrainWorker(context: Context, params: WorkerParameters) : CoroutineWorker(
         val offer = bridge.nextJob() ?: return Result.success()  // nothing to do this time
         val bundleDir = bridge.ensureBundle(offer.bundleId, File(applicationContext.filesDir, "bundles"))
         val bundle = BundleManifest.read(bundleDir)
-        val adapterPtd = bridge.downloadAdapter(offer, File(applicationContext.cacheDir, "adapter.ptd"))
+        val adapter = bridge.downloadAdapter(offer, bundle)
         val personal = Personal.load(applicationContext.filesDir, bundle)
         val examples = LocalExamples.read(File(applicationContext.filesDir, "interactions.jsonl"))
-        val (trained, result) = PhoneTrainer(bundle).run(offer.job, adapterPtd, personal, examples)
+        val (trained, result) = PhoneTrainer(bundle).run(offer.job, adapter, personal, examples)
         Personal.save(applicationContext.filesDir, bundle, trained)  // never leaves the phone
         bridge.upload(offer, bundle, trained, result)  // global part + counts only
         return Result.success()
