@@ -6,12 +6,17 @@ step through the exported programs (`train_with_programs`: ExecuTorch's runtime)
 batch and seed, and reports medians. Program loading (what a phone does once per round) is
 timed separately from the step.
 
+Then profiles one step of each: the ExecuTorch train program with ETDump (ExecuTorch's own
+per-operator timing, read with its Inspector) and the eager step with torch.profiler, and lists
+the operators that take the most time in each.
+
     python benchmarks/executorch_step.py [--reps N] [--batch B] [--dp] [hydra overrides...]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import tempfile
 import time
 from pathlib import Path
@@ -22,16 +27,59 @@ quiet_offline_env()
 
 import torch  # noqa: E402
 from _common import config, machine, median, write_section  # noqa: E402
+from executorch.devtools import Inspector  # noqa: E402
+from executorch.extension.pybindings.portable_lib import (  # noqa: E402
+    _load_for_executorch_from_buffer,
+)
 
 from fedmilm.adapters import build_adapter_space  # noqa: E402
 from fedmilm.data import IGNORE  # noqa: E402
-from fedmilm.data.chat import Example  # noqa: E402
+from fedmilm.data.chat import Example, collate  # noqa: E402
 from fedmilm.export import PhonePrograms, export_bundle, train_with_programs  # noqa: E402
 from fedmilm.export.job import TrainJob  # noqa: E402
 from fedmilm.export.ptd import adapter_to_ptd  # noqa: E402
+from fedmilm.export.runtime import pad_to_program  # noqa: E402
 from fedmilm.training import train_local  # noqa: E402
 
 MIB = 2**20
+TOP = 8
+
+
+def profile_executorch(programs: PhonePrograms, examples: list[Example],
+                       folder: Path) -> list[tuple[str, float]]:
+    """(operator, ms) of one run of the train program, by ExecuTorch's ETDump, largest first."""
+    manifest = programs.manifest
+    pad = int(manifest.tokenizer["pad_token_id"])
+    batch = pad_to_program(collate(examples[:manifest.micro_batch], pad),
+                           rows=manifest.micro_batch, seq_len=manifest.seq_len, pad_id=pad)
+    module = _load_for_executorch_from_buffer(programs._programs["train"], programs._base,
+                                              enable_etdump=True)
+    adapter = [programs.initial[k] for k in manifest.peft_keys()]
+    weights = torch.full((manifest.micro_batch,), 1.0 / manifest.micro_batch)
+    module.run_method("forward", (*adapter, batch.input_ids, batch.attention_mask,
+                                  batch.labels, weights))
+    path = folder / "train.etdump"
+    module.write_etdump_result_to_file(str(path))
+    totals: dict[str, float] = collections.defaultdict(float)
+    for block in Inspector(etdump_path=str(path)).event_blocks:
+        for event in block.events:
+            if event.perf_data is not None and event.name not in ("Method::execute",
+                                                                  "Program::load_method"):
+                totals[event.name] += sum(event.perf_data.raw)
+    return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
+def profile_eager(run_step) -> list[tuple[str, float]]:  # noqa: ANN001
+    """(operator, ms) of one eager step by torch.profiler (self CPU time), largest first."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run_step()
+    rows = [(e.key, e.self_cpu_time_total / 1000) for e in prof.key_averages()]
+    return sorted(rows, key=lambda kv: -kv[1])
+
+
+def _top(rows: list[tuple[str, float]]) -> list[str]:
+    total = sum(ms for _, ms in rows)
+    return [f"{name} {ms / 1000:.2f} s ({100 * ms / total:.0f}%)" for name, ms in rows[:TOP]]
 
 
 def main() -> None:
@@ -44,11 +92,15 @@ def main() -> None:
     seq = cfg.data.max_length
     space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=0)
     pad = space.tokenizer.pad_token_id
-    with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        manifest, timings = export_bundle(space, cfg, Path(tmp) / "export", with_dp=args.dp)
-        export_s = time.perf_counter() - started
-        programs = PhonePrograms.load(Path(tmp) / "export")
+    tmp = tempfile.TemporaryDirectory()
+    started = time.perf_counter()
+    manifest, timings = export_bundle(space, cfg, Path(tmp.name) / "export", with_dp=args.dp)
+    export_s = time.perf_counter() - started
+    started = time.perf_counter()
+    programs = PhonePrograms.load(Path(tmp.name) / "export")
+    for name in ("train", "adamw"):
+        programs.module(name)
+    load_s = time.perf_counter() - started  # once per phone process
     print(f"exported in {export_s:.0f} s: {timings}", flush=True)
     gen = torch.Generator().manual_seed(0)
     examples = []
@@ -58,22 +110,26 @@ def main() -> None:
     state = space.initial_state(tuple(space.initial))
     job = TrainJob(epochs=1, batch_size=args.batch, sampling="shuffle",
                    noise_multiplier=None, max_grad_norm=None, seed=1)
-    eager_s, device_s, load_s = [], [], []
-    for rep in range(args.reps + 1):  # rep 0 warms both up
+    eager_s, device_s = [], []
+
+    def eager_step():  # noqa: ANN202
         space.load(state)
-        stats = train_local(space.model, space.trainable_parameters(), examples, epochs=1,
-                            batch_size=args.batch, lr=cfg.train.lr, weight_decay=0.0,
-                            pad_id=pad, seed=1)
-        called = time.perf_counter()
+        return train_local(space.model, space.trainable_parameters(), examples, epochs=1,
+                           batch_size=args.batch, lr=cfg.train.lr, weight_decay=0.0,
+                           pad_id=pad, seed=1)
+
+    for rep in range(args.reps + 1):  # rep 0 warms both up
+        stats = eager_step()
         _, result = train_with_programs(programs, adapter_to_ptd(manifest, state), examples,
                                         job)
-        total = time.perf_counter() - called
-        print(f"rep {rep}: eager {stats.seconds:.2f} s, ExecuTorch {result.seconds:.2f} s "
-              f"(+{total - result.seconds:.2f} s loading)", flush=True)
+        print(f"rep {rep}: eager {stats.seconds:.2f} s, ExecuTorch {result.seconds:.2f} s",
+              flush=True)
         if rep:
             eager_s.append(stats.seconds)
             device_s.append(result.seconds)
-            load_s.append(total - result.seconds)
+    et_ops = profile_executorch(programs, examples, Path(tmp.name))
+    eager_ops = profile_eager(eager_step)
+    tmp.cleanup()
     tokens = args.batch * seq
     lines = [
         f"## ExecuTorch vs eager, `{cfg.model.name}` (base {cfg.model.dtype})",
@@ -92,9 +148,15 @@ def main() -> None:
         f"| ExecuTorch (train.pte + adamw.pte) | {median(device_s):.2f} | "
         f"{tokens / median(device_s):.0f} | {median(device_s) / median(eager_s):.2f} |",
         "",
-        f"Loading the programs and the adapter `.ptd` per round: {median(load_s):.2f} s "
-        f"(median). Export in {export_s:.0f} s: "
+        f"Reading and verifying the bundle and loading the programs (once per phone process): "
+        f"{load_s:.2f} s. Export in {export_s:.0f} s: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in timings.seconds.items()) + ".",
+        "",
+        f"Where one step's time goes (top {TOP} operators; ExecuTorch: ETDump of one train.pte "
+        "run over one micro-batch; eager: torch.profiler self time of one whole step):",
+        "",
+        "- ExecuTorch: " + "; ".join(_top(et_ops)),
+        "- eager: " + "; ".join(_top(eager_ops)),
         "",
         "| file | MiB |",
         "|---|---|",
