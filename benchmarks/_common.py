@@ -60,3 +60,13 @@ def last_round(overrides: list[str]) -> dict:
             raise RuntimeError(f"{' '.join(overrides)}: {done.stderr.strip()[-600:]}")
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return {**rows[-1], "wall_s": time.perf_counter() - started}
+
+
+def run_child(script: str, argv: list[str]) -> dict:
+    """Run `script` with `argv` in a fresh process (peak memory is per process) and return the
+    JSON object of its last output line; its stderr tail on failure."""
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from fedmilm.runtime import quiet_offline_env
 quiet_offline_env()
 
 import torch  # noqa: E402
-from _common import config, machine, median, write_section  # noqa: E402
+from _common import config, machine, median, run_child, write_section  # noqa: E402
 
 GIB, MIB = 2**30, 2**20
 
@@ -97,11 +95,7 @@ def phone_child(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _run(kind: str, argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, f"--{kind}", *argv], capture_output=True,
-                          text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, [f"--{kind}", *argv])
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ from fedmilm.training import train_local  # noqa: E402
 
 MIB = 2**20
 TOP = 8
+WRAPPERS = ("Method::execute", "Program::load_method", "OPERATOR_CALL")  # events around others
 
 
 def profile_executorch(programs: PhonePrograms, examples: list[Example],
@@ -63,8 +64,7 @@ def profile_executorch(programs: PhonePrograms, examples: list[Example],
     totals: dict[str, float] = collections.defaultdict(float)
     for block in Inspector(etdump_path=str(path)).event_blocks:
         for event in block.events:
-            if event.perf_data is not None and event.name not in ("Method::execute",
-                                                                  "Program::load_method"):
+            if event.perf_data is not None and event.name not in WRAPPERS:
                 totals[event.name] += sum(event.perf_data.raw)
     return sorted(totals.items(), key=lambda kv: -kv[1])
 

@@ -15,8 +15,6 @@ import argparse
 import gc
 import json
 import resource
-import subprocess
-import sys
 import time
 
 from fedmilm.runtime import quiet_offline_env
@@ -24,7 +22,7 @@ from fedmilm.runtime import quiet_offline_env
 quiet_offline_env()
 
 import torch  # noqa: E402
-from _common import config, machine, median, write_section  # noqa: E402
+from _common import config, machine, median, run_child, write_section  # noqa: E402
 
 from fedmilm.adapters import build_adapter_space  # noqa: E402
 from fedmilm.data import IGNORE  # noqa: E402
@@ -91,11 +89,7 @@ def child(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _run(argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True,
-                          text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, ["--child", *argv])
 
 
 def main() -> None:
