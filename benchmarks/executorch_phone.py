@@ -55,6 +55,7 @@ def export_child(args: argparse.Namespace, overrides: list[str]) -> None:
     _, timings = export_bundle(space, cfg, Path(args.folder), with_dp=False)
     print(json.dumps({"build_s": build_s, "export_s": time.perf_counter() - started,
                       "stages": timings.seconds, "sizes": timings.sizes,
+                      "planned": timings.planned,
                       "peak_rss": _peak_rss()}))
 
 
@@ -136,7 +137,8 @@ def main() -> None:
         f"{exported['build_s']:.0f} s), exporter peak RSS {exported['peak_rss'] / GIB:.2f} GiB; "
         "stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in exported["stages"].items()) + ".",
         "- Files: " + ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in exported["sizes"].items())
-        + ".",
+        + ". Working memory ExecuTorch planned per program (allocated at load): "
+        + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in exported["planned"].items()) + ".",
         f"- Phone: reading and verifying the bundle {phone['load_s']:.1f} s; training "
         f"{phone['train_tps']:.1f} tokens/s, evaluation {phone['eval_tps']:.1f} tokens/s; "
         f"**peak RSS {phone['peak_rss'] / GIB:.2f} GiB** (the whole phone process).",

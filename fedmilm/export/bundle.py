@@ -54,6 +54,7 @@ class ExportTimings:
 
     seconds: dict[str, float]
     sizes: dict[str, int]
+    planned: dict[str, int]  # program -> working memory ExecuTorch planned for it
 
 
 def micro_batch_of(cfg: FedMilmConfig) -> int:
@@ -129,16 +130,19 @@ def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
     seconds: dict[str, float] = {}
     files: dict[str, bytes] = {}
     bases: dict[str, bytes] = {}
+    planned: dict[str, int] = {}
 
     def lowered(name: str, build: Callable[[], ExportedProgram]) -> None:
         started = time.perf_counter()
         program = build()
         seconds[f"{name}_graph"] = time.perf_counter() - started
         started = time.perf_counter()
-        files[f"{name}.pte"], base = to_executorch(program)
+        lowered_program = to_executorch(program)
         seconds[f"{name}_lower"] = time.perf_counter() - started
-        if base is not None:
-            bases[name] = base
+        files[f"{name}.pte"] = lowered_program.pte
+        planned[name] = lowered_program.planned_bytes
+        if lowered_program.base is not None:
+            bases[name] = lowered_program.base
 
     shape = {"micro_batch": micro, "seq_len": seq_len}
     lowered("train", lambda: graphs.train_graph(space.model, adapter, **shape))
@@ -163,9 +167,11 @@ def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
                          with_dp=with_dp)
     manifest = dataclasses.replace(manifest, sha256={
         name: hashlib.sha256(blob).hexdigest() for name, blob in files.items()
-        if name != BASE_FILE})  # the base's digest is in `base`
+        if name != BASE_FILE},  # the base's digest is in `base`
+        programs={name: dataclasses.replace(spec, planned_bytes=planned[name])
+                  for name, spec in manifest.programs.items()})
     sizes = _write_atomically(out, files, manifest, space)
-    return manifest, ExportTimings(seconds=seconds, sizes=sizes)
+    return manifest, ExportTimings(seconds=seconds, sizes=sizes, planned=planned)
 
 
 def _one_base(bases: dict[str, bytes]) -> bytes:

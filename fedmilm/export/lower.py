@@ -4,6 +4,7 @@ frozen base when the program keeps it outside)."""
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import torch
 from executorch.exir import ExecutorchBackendConfig, to_edge
@@ -34,9 +35,19 @@ def _base_constant(node: Node) -> str | None:
     return BASE_TAG if BASE_PREFIX in node.name else None
 
 
-def to_executorch(program: ExportedProgram) -> tuple[bytes, bytes | None]:
-    """(`.pte` bytes, `.ptd` bytes of the base or None). The base's constants (see
-    `graphs.BASE_PREFIX`) go to the `.ptd`, so every program of a bundle shares one base file."""
+@dataclass(frozen=True)
+class Lowered:
+    """One lowered program: its `.pte`, the base's `.ptd` (or None), and the bytes of working
+    memory ExecuTorch planned for it (allocated when the program is loaded)."""
+
+    pte: bytes
+    base: bytes | None
+    planned_bytes: int
+
+
+def to_executorch(program: ExportedProgram) -> Lowered:
+    """The base's constants (see `graphs.BASE_PREFIX`) go to the `.ptd`, so every program of a
+    bundle shares one base file."""
     lowered = to_edge(_core_aten_only(program.run_decompositions())).to_executorch(
         ExecutorchBackendConfig(external_constants=_base_constant))
     buffer = io.BytesIO()
@@ -44,4 +55,5 @@ def to_executorch(program: ExportedProgram) -> tuple[bytes, bytes | None]:
     blobs = {name: bytes(blob) for name, blob in lowered._tensor_data.items()}
     if set(blobs) - {BASE_TAG}:
         raise RuntimeError(f"ExecuTorch wrote unexpected data files {sorted(blobs)}")
-    return buffer.getvalue(), blobs.get(BASE_TAG)
+    plan = lowered.executorch_program.execution_plan[0]
+    return Lowered(buffer.getvalue(), blobs.get(BASE_TAG), sum(plan.non_const_buffer_sizes))

@@ -32,8 +32,9 @@ class ProgramSpec:
     method: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    data_file: str | None = None  # `.ptd` holding its trainable tensors, if any
+    data_file: str | None = None  # `.ptd` it loads (the base), if any
     description: str = ""
+    planned_bytes: int = 0  # working memory ExecuTorch allocates when it loads the program
 
 
 @dataclass(frozen=True)

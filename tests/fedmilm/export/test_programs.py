@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from executorch.exir._serialize._program import deserialize_pte_binary
 from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
 
 from fedmilm.adapters import build_adapter_space
@@ -258,6 +259,8 @@ def test_manifest_describes_the_programs_as_executorch_sees_them(exported):
     assert (programs.folder / "tokenizer" / "tokenizer.json").is_file()
     for name, spec in manifest.programs.items():
         meta = programs.module(name).method_meta(spec.method)
+        plan = deserialize_pte_binary(programs._programs[name]).program.execution_plan[0]
+        assert spec.planned_bytes == sum(plan.non_const_buffer_sizes) > 0, name
         assert meta.num_inputs() == len(spec.inputs), name
         for index, tensor in enumerate(spec.inputs):
             assert list(meta.input_tensor_meta(index).sizes()) == tensor.shape, (name, index)
