@@ -7,8 +7,7 @@ import io
 from dataclasses import dataclass
 
 import torch
-from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.exir import ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
+from executorch.exir import ExecutorchBackendConfig, to_edge
 from torch.export import ExportedProgram
 from torch.fx import Node
 
@@ -46,14 +45,11 @@ class Lowered:
     planned_bytes: int
 
 
-def to_executorch(program: ExportedProgram, *, delegate: str = "none") -> Lowered:
+def to_executorch(program: ExportedProgram) -> Lowered:
     """The base's constants (see `graphs.BASE_PREFIX`) go to the `.ptd`, so every program of a
-    bundle shares one base file. `delegate="xnnpack"` hands what XNNPACK can run (the matrix
-    products above all, 70% of a step on ExecuTorch's own kernels) to its delegate."""
-    core = _core_aten_only(program.run_decompositions())
-    edge = (to_edge(core) if delegate == "none"
-            else to_edge_transform_and_lower(core, partitioner=[XnnpackPartitioner()]))
-    lowered = edge.to_executorch(ExecutorchBackendConfig(external_constants=_base_constant))
+    bundle shares one base file."""
+    lowered = to_edge(_core_aten_only(program.run_decompositions())).to_executorch(
+        ExecutorchBackendConfig(external_constants=_base_constant))
     buffer = io.BytesIO()
     lowered.write_to_file(buffer)
     blobs = {name: bytes(blob) for name, blob in lowered._tensor_data.items()}
