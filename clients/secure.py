@@ -18,6 +18,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedmilm import protocol
 from fedmilm.adapters.packing import from_ndarrays, to_ndarrays
 from fedmilm.clients.phone import phone_for
+from fedmilm.training.memory import MemoryBudgetError
 
 Handler = Callable[[Message, Context], Message]
 
@@ -28,8 +29,11 @@ def _legacy_train(call_next: Handler) -> Handler:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         config = ConfigRecord(dict(fitins.config))
         msg.content = RecordDict({protocol.CONFIG: config})
-        space = phone_for(msg, context).space
-        reference = space.initial_state(space.global_keys)
+        try:
+            layout = phone_for(msg, context).runtime().layout
+        except MemoryBudgetError as err:  # the train handler would decline: no masked update
+            raise RuntimeError(f"this phone declines the secure round: {err}") from err
+        reference = layout.initial_state(layout.global_keys)
         received = from_ndarrays(parameters_to_ndarrays(fitins.parameters), reference)
         msg.content = RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(received),
                                   protocol.CONFIG: config})
