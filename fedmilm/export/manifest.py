@@ -83,9 +83,6 @@ class Manifest:
         """Adapter keys in program order (the order of every per-tensor input and output)."""
         return [t.peft_key for t in self.adapter]
 
-    def to_program_keys(self) -> dict[str, str]:
-        return {t.peft_key: t.program_key for t in self.adapter}
-
     def write(self, folder: Path) -> Path:
         path = folder / MANIFEST_FILE
         path.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")

@@ -1,8 +1,8 @@
 """Adapter tensors <-> ExecuTorch `.ptd` (FlatTensor) bytes.
 
-The server writes each round's global adapter (plus, on the phone, its personal part) into a
-`.ptd` that the exported training program loads, and reads a phone's trained tensors back.
-Keys are the program's tensor names; `Manifest.program_keys` maps them to PEFT keys.
+The server writes each round's global adapter (personal tensors at their initial values) into a
+`.ptd` for the phone's runtime, which hands the tensors to the programs as inputs, and reads a
+phone's trained tensors back. Keys are the manifest's `program_key`s (the PEFT keys).
 """
 
 from __future__ import annotations

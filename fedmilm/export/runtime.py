@@ -1,9 +1,11 @@
-"""The virtual phone: local training that runs only the exported programs, through ExecuTorch's
-runtime (the C++ runtime and kernels the Android library wraps), never the PyTorch model.
+"""The virtual phone: local training and evaluation that run only the exported programs, through
+ExecuTorch's runtime (the C++ runtime and kernels the Android library wraps), never the PyTorch
+model.
 
-It follows the eager loop step for step (same batch plan, same AdamW, same Opacus clipping and
-noise draws), so on the same data and seed its update matches the eager phone's within float
-tolerance. What differs is only where the arithmetic runs.
+Training runs the shared step skeleton (`fedmilm.training.skeleton`) with an `ExecuTorchEngine`:
+same batch plan, same AdamW, same Opacus clipping and noise draws as the eager phone, so on the
+same data and seed its update matches within float tolerance. What differs is only where the
+arithmetic runs.
 """
 
 from __future__ import annotations
