@@ -28,8 +28,9 @@ RUNTIME_BYTES = 512 * MIB  # Python + torch + transformers + peft + opacus: 424 
 SAFETY = 1.3               # headroom over the per-token activation count below
 MARGIN_BYTES = 256 * MIB   # what the measured resident size cannot see yet and what varies:
                            # a DP step's first-use costs (Opacus hooks, the CSPRNG, autograd
-                           # threads) and allocator scratch; one plan measured up to 140 MiB
-                           # apart between runs, a second machine 41-56 MiB above a 1.3B estimate
+                           # threads) and allocator scratch; peak minus estimate moved
+                           # by up to 102 MiB between runs of one plan; another machine measured
+                           # 41-56 MiB above an earlier 1.3B estimate
 DEQUANTIZED_COPIES = 3     # float copies of a quantized layer alive while it runs (measured
                            # peaks on 2048 x 5504: int8 1.4, NF4 1.7-2.6)
 
