@@ -1,7 +1,7 @@
 # fedmilm: two commands on a fresh machine (see README "Quickstart").
 #   make simulate [ARGS="hydra overrides"]   install into .venv, run the default simulated federation
 #   make test                                install into .venv (with test tools), run the test suite
-#   make test-fast                           all but whole federations and ExecuTorch exports (markers e2e, export), < 3 min
+#   make test-fast                           all but whole federations, ExecuTorch exports and memory peaks (markers e2e, export, memory), < 3 min
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -33,7 +33,7 @@ test: install
 
 test-fast: install
 	$(BIN)/ruff check fedmilm server clients tests benchmarks
-	$(BIN)/python -m pytest tests -p no:cacheprovider -m "not e2e and not export" -n $(WORKERS) --dist loadfile
+	$(BIN)/python -m pytest tests -p no:cacheprovider -m "not e2e and not export and not memory" -n $(WORKERS) --dist loadfile
 
 benchmark: install
 	$(BIN)/python benchmarks/train_step.py

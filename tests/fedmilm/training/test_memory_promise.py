@@ -73,6 +73,7 @@ def child(overrides: list[str], dp: bool) -> None:
                       "checkpointing": plan.checkpointing, "ballast": int(ballast[-1])}))
 
 
+@pytest.mark.memory
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize(("quantization", "dp"), [("int8", True), ("nf4", True), ("nf4", False)])
 def test_a_phones_step_stays_within_the_budget_its_plan_chose(quantization, dp):
