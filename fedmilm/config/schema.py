@@ -238,6 +238,7 @@ class ClientConfig:
     gradient_checkpointing: str = MISSING  # auto | on | off
     memory_budget_mb: float | None = None  # None: no budget
     export_dir: str | None = None          # executorch: bundle folder (None: RUN_DIR/export)
+    delegate: str = MISSING                # executorch: none | xnnpack
 
 
 @dataclass

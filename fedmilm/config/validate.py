@@ -21,6 +21,7 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 AGGREGATION_METHODS = ("fedavg", "trimmed_mean", "median", "krum")
 AVAILABILITY = ("always", "synthetic", "trace")
 RUNTIMES = ("eager", "executorch")
+DELEGATES = ("none", "xnnpack")  # ExecuTorch backends the model programs may be lowered to
 CHECKPOINTING = ("auto", "on", "off")
 TRAIN_DEVICES = ("auto", "cpu", "cuda")
 
@@ -127,6 +128,7 @@ def _check_train(cfg: FedMilmConfig, problems: list[str]) -> None:
 def _check_client(cfg: FedMilmConfig, problems: list[str]) -> None:
     client = cfg.client
     _choice(problems, "client.runtime", client.runtime, RUNTIMES)
+    _choice(problems, "client.delegate", client.delegate, DELEGATES)
     _choice(problems, "client.gradient_checkpointing", client.gradient_checkpointing,
             CHECKPOINTING)
     if client.micro_batch is not None:

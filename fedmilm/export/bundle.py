@@ -70,7 +70,7 @@ def export_fingerprint(cfg: FedMilmConfig) -> str:
     model = dataclasses.replace(cfg.model, cache_dir="")  # a host's cache path is not the model
     # (model.quantization is part of it: the base file holds the quantized weights)
     relevant = (model, cfg.lora, cfg.personalization, cfg.train, cfg.seed,
-                cfg.data.max_length, micro_batch_of(cfg),
+                cfg.data.max_length, micro_batch_of(cfg), cfg.client.delegate,
                 (cfg.privacy.sample_level, sample.max_grad_norm))
     return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
 
@@ -137,7 +137,8 @@ def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
         program = build()
         seconds[f"{name}_graph"] = time.perf_counter() - started
         started = time.perf_counter()
-        lowered_program = to_executorch(program)
+        lowered_program = to_executorch(program, delegate="none" if name == "adamw"
+                                        else cfg.client.delegate)
         seconds[f"{name}_lower"] = time.perf_counter() - started
         files[f"{name}.pte"] = lowered_program.pte
         planned[name] = lowered_program.planned_bytes
@@ -245,7 +246,7 @@ def _manifest(space: AdapterSpace, cfg: FedMilmConfig, adapter: dict[str, torch.
         dp=dp, adapter=tensors, base=base, programs=programs,
         versions={name: version(name) for name in ("fedmilm", "torch", "executorch", "peft",
                                                     "transformers")},
-        config_fingerprint=export_fingerprint(cfg),
+        config_fingerprint=export_fingerprint(cfg), delegate=cfg.client.delegate,
         notes=["Right-pad every row to seq_len with pad_token_id, attention_mask 0 and label "
                "-100; pad missing rows the same way with example_weight 0.",
                "Labels are the input ids on assistant tokens and -100 elsewhere (the model's "

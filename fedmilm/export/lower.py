@@ -7,7 +7,13 @@ import io
 from dataclasses import dataclass
 
 import torch
-from executorch.exir import ExecutorchBackendConfig, to_edge
+from executorch.backends.xnnpack.partition.config.gemm_configs import (
+    AddmmConfig,
+    LinearConfig,
+    MMConfig,
+)
+from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+from executorch.exir import ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
 from torch.export import ExportedProgram
 from torch.fx import Node
 
@@ -35,6 +41,15 @@ def _base_constant(node: Node) -> str | None:
     return BASE_TAG if BASE_PREFIX in node.name else None
 
 
+def _products_to_xnnpack() -> XnnpackPartitioner:
+    """Only the products, with their weights as the delegate's inputs rather than its own
+    constants: the frozen base stays in the one shared `base.ptd` (XNNPACK would otherwise copy
+    each weight into the program) and the adapter, an input, is a weight XNNPACK accepts. The
+    full partitioner also grew past 24 GiB lowering the default model's train program."""
+    return XnnpackPartitioner(configs=[MMConfig, AddmmConfig, LinearConfig],
+                              force_non_static_weights_for_f32_linear=True)
+
+
 @dataclass(frozen=True)
 class Lowered:
     """One lowered program: its `.pte`, the base's `.ptd` (or None), and the bytes of working
@@ -45,11 +60,14 @@ class Lowered:
     planned_bytes: int
 
 
-def to_executorch(program: ExportedProgram) -> Lowered:
+def to_executorch(program: ExportedProgram, *, delegate: str = "none") -> Lowered:
     """The base's constants (see `graphs.BASE_PREFIX`) go to the `.ptd`, so every program of a
-    bundle shares one base file."""
-    lowered = to_edge(_core_aten_only(program.run_decompositions())).to_executorch(
-        ExecutorchBackendConfig(external_constants=_base_constant))
+    bundle shares one base file. `delegate="xnnpack"` hands the matrix products (70% of a step
+    on ExecuTorch's own kernels) to XNNPACK, each as its own small partition."""
+    core = _core_aten_only(program.run_decompositions())
+    edge = (to_edge(core) if delegate == "none"
+            else to_edge_transform_and_lower(core, partitioner=[_products_to_xnnpack()]))
+    lowered = edge.to_executorch(ExecutorchBackendConfig(external_constants=_base_constant))
     buffer = io.BytesIO()
     lowered.write_to_file(buffer)
     blobs = {name: bytes(blob) for name, blob in lowered._tensor_data.items()}

@@ -77,6 +77,7 @@ class Manifest:
     versions: dict[str, str]
     config_fingerprint: str
     sha256: dict[str, str] = field(default_factory=dict)  # program / adapter file -> digest
+    delegate: str = "none"  # the backend the model programs were lowered to (the runtime needs it)
     notes: list[str] = field(default_factory=list)
 
     def peft_keys(self) -> list[str]:

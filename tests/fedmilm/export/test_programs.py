@@ -402,3 +402,30 @@ def test_an_executorch_phone_never_loads_the_eager_model(exported):
         personal_state={k: trained[k] for k in space.personal_keys}, examples=examples,
         batch_size=MICRO, loss_base=None)
     assert personal < base  # it learned what it trained on
+
+
+def test_programs_delegated_to_xnnpack_train_and_evaluate_as_eager_does(tmp_path):
+    """`client.delegate=xnnpack`: the products run in XNNPACK; the base stays in base.ptd."""
+    cfg = tiny_config(*OVERRIDES, "personalization=none", "client.delegate=xnnpack")
+    space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=0)
+    gen = torch.Generator().manual_seed(16)
+    start = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in space.initial.items()}
+    manifest, timings = export_bundle(space, cfg, tmp_path / "xnnpack", with_dp=False)
+    assert manifest.delegate == "xnnpack"
+    assert export_fingerprint(cfg) != export_fingerprint(tiny_config(*OVERRIDES,
+                                                                     "personalization=none"))
+    programs = PhonePrograms.load(tmp_path / "xnnpack")
+    delegated = deserialize_pte_binary(programs._programs["train"]).program
+    assert [d.id for d in delegated.execution_plan[0].delegates] and all(
+        d.id == "XnnpackBackend" for d in delegated.execution_plan[0].delegates)
+    assert timings.sizes["train.pte"] < timings.sizes["base.ptd"] / 10
+    examples = random_examples(9, seed=17)
+    outcomes = [runtime.train(dict(start), examples, train=cfg.train, seed=2, dp=None)
+                for runtime in (EagerRuntime(space, MemoryPlan(MICRO, False, 0)),
+                                ExecuTorchRuntime(programs))]
+    (eager, _), (device, _) = outcomes
+    _assert_same_training(eager, device, start)
+    losses = [runtime.evaluate(global_state=eager, personal_state={}, examples=examples,
+                               batch_size=MICRO, loss_base=None)
+              for runtime in (EagerRuntime(space), ExecuTorchRuntime(programs))]
+    assert losses[1][:2] == pytest.approx(losses[0][:2], rel=1e-5)
