@@ -203,6 +203,23 @@ def test_the_evaluation_program_matches_eager_evaluation(exported):
     assert len({round(v, 4) for v in (base, global_, personal)}) == 3  # three different models
 
 
+def test_only_the_model_program_in_use_keeps_its_working_memory(exported):
+    """Train, evaluate, train again: the phone's peak is the base plus one program's arena,
+    and a program loaded again computes what it did the first time."""
+    _, space, start, programs, _ = exported
+    examples = random_examples(6, seed=13)
+    first, _ = _on_device(programs, start, examples, seed=7)
+    assert programs.loaded == {"train", "adamw"}
+    ExecuTorchRuntime(programs).evaluate(
+        global_state={k: first[k] for k in space.global_keys},
+        personal_state={k: first[k] for k in space.personal_keys}, examples=examples,
+        batch_size=MICRO, loss_base=None)
+    assert programs.loaded == {"eval", "adamw"}
+    again, _ = _on_device(programs, start, examples, seed=7)
+    assert programs.loaded == {"train", "adamw"}
+    assert all(torch.equal(first[k], again[k]) for k in start)
+
+
 def test_every_model_program_loads_the_one_base_file(exported):
     _, _, _, programs, timings = exported
     manifest = programs.manifest
