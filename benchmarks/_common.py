@@ -62,6 +62,19 @@ def last_round(overrides: list[str]) -> dict:
         return {**rows[-1], "wall_s": time.perf_counter() - started}
 
 
+LOSSES = ("loss_base", "loss_global", "loss_personal")
+
+
+def loss_cells(row: dict, reference: dict, *, is_reference: bool) -> list[str]:
+    """A run's last-round held-out losses, each with its change against `reference`'s."""
+    cells = []
+    for key in LOSSES:
+        value, ref = row[key], reference[key]
+        change = "" if is_reference or value is None else f" ({value / ref - 1:+.1%})"
+        cells.append("-" if value is None else f"{value:.3f}{change}")
+    return cells
+
+
 def run_child(script: str, argv: list[str]) -> dict:
     """Run `script` with `argv` in a fresh process (peak memory is per process) and return the
     JSON object of its last output line; its stderr tail on failure."""

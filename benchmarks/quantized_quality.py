@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from _common import last_round, machine, write_section
+from _common import LOSSES, last_round, loss_cells, machine, write_section
 
 METHODS = ("none", "int8", "nf4")
-LOSSES = ("loss_base", "loss_global", "loss_personal")
 
 
 def main() -> None:
@@ -37,11 +36,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for method, row in rows.items():
-        cells = []
-        for key in LOSSES:
-            value, ref = row[key], reference[key]
-            change = "" if method == "none" or value is None else f" ({value / ref - 1:+.1%})"
-            cells.append("-" if value is None else f"{value:.3f}{change}")
+        cells = loss_cells(row, reference, is_reference=method == "none")
         lines.append(f"| {method} | {' | '.join(cells)} | {row['wall_s']:.0f} |")
     write_section("quantized-quality", "\n".join(lines))
     print("\n".join(lines))

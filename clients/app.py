@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmilm import protocol
-from fedmilm.adapters import State
+from fedmilm.adapters import State, wire
 from fedmilm.adapters.hetero import pad, truncate
 from fedmilm.clients.conditions import read_conditions
 from fedmilm.clients.phone import Phone, phone_for
@@ -28,7 +29,7 @@ from fedmilm.metrics.diagnostics import EVALUATE, TRAIN, write_diagnostic
 from fedmilm.privacy import BudgetExceeded, LedgerError, PrivacyLedger
 from fedmilm.privacy.distributed import distributed_noise_for, noisy_share
 from fedmilm.privacy.policy import POLICY_FILE
-from fedmilm.privacy.randomness import private_random
+from fedmilm.privacy.randomness import PrivateRandom, SeededRandom, private_random
 from fedmilm.privacy.user_level import upload_clip_norm
 from fedmilm.runtime import quiet_offline_env
 from fedmilm.training import DpSgd, evaluate_phone, train_phone
@@ -103,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
         log.warning("phone declines to train: %s", err)
         return _declined(msg, protocol.DECLINED_MEMORY, ledger)
     space = runtime.layout
-    full = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
+    full = received_global(msg, cfg)
     received = full if phone.rank is None else truncate(full, phone.rank)
     outcome = train_phone(runtime, global_state=received,
                           personal_state=phone.storage.load_personal(space),
@@ -134,12 +135,40 @@ def train(msg: Message, context: Context) -> Message:
     if phone.rank is not None:  # zero-padded back to the server's rank
         update = pad(update, full)
         metrics[protocol.LORA_RANK] = phone.rank
+    random = _upload_random(phone)
     noise = distributed_noise_for(cfg, num_values=sum(v.numel() for v in full.values()))
     if noise is not None:  # this phone's share of the noise, before SecAgg+ masks the update
-        update = noisy_share(update, noise, private_random(phone.dp_test_seed(phone.policy())))
-    content = RecordDict({protocol.UPDATE_ARRAYS: ArrayRecord(update),
-                          protocol.METRICS: metrics})
+        update = noisy_share(update, noise, random)
+    upload = cfg.aggregation.upload
+    # Under user-level DP what the server decodes must stay within the clip; a noisy share is
+    # meant to exceed it (the clip bounds the update before its noise) and travels as float32.
+    arrays = (wire.encode_within(update, upload, _upload_clip(cfg, full), random)
+              if cfg.privacy.user_level and noise is None
+              else wire.encode(update, upload, random))
+    content = RecordDict({protocol.UPDATE_ARRAYS: arrays, protocol.METRICS: metrics})
     return Message(content=content, reply_to=msg)
+
+
+def _upload_random(phone: Phone) -> PrivateRandom:
+    """The draws that round an upload (and share distributed noise). Under DP: the phone's
+    CSPRNG (seeded only where a test asks and its own policy allows). Without DP nothing is
+    hidden, and the task seed makes a simulation rerun identically."""
+    if phone.cfg.privacy.any_dp:
+        return private_random(phone.dp_test_seed(phone.policy()))
+    return SeededRandom(phone.task_seed)
+
+
+def received_global(msg: Message, cfg: FedMilmConfig) -> State:
+    """The global part the server sent, decoded from `aggregation.download`; its size is
+    checked against its own shapes first (a phone trusts the server no further)."""
+    arrays = msg.content.array_records[protocol.GLOBAL_ARRAYS]
+    shapes = {k: torch.empty(a.shape, device="meta") for k, a in arrays.items()
+              if k != wire.SCALES}
+    fmt = cfg.aggregation.download
+    problem = wire.problem(arrays, shapes, fmt)
+    if problem:
+        raise ValueError(f"the server's global adapter is not {fmt}: {problem}")
+    return wire.decode(arrays, shapes, fmt)
 
 
 def _upload_clip(cfg: FedMilmConfig, full: State) -> float:
@@ -160,7 +189,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if phone.cfg.privacy.any_dp and phone.diagnostics_dir is None:
         return _declined(msg, protocol.DECLINED_POLICY)
     runtime, (_, heldout) = phone.runtime(), phone.examples()
-    received = msg.content.array_records[protocol.GLOBAL_ARRAYS].to_torch_state_dict()
+    received = received_global(msg, phone.cfg)
     if phone.rank is not None:
         received = truncate(received, phone.rank)
     outcome = evaluate_phone(runtime, global_state=received,

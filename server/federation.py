@@ -13,7 +13,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fedmilm.adapters import AdapterSpace, State, cached_adapter_space
+from fedmilm.adapters import AdapterSpace, State, cached_adapter_space, wire
 from fedmilm.aggregation import Aggregator, create_aggregator
 from fedmilm.aggregation.server_optimizer import server_optimizer_for
 from fedmilm.config import FedMilmConfig, to_yaml
@@ -29,6 +29,7 @@ from fedmilm.metrics.diagnostics import EVALUATE as DIAG_EVALUATE
 from fedmilm.metrics.diagnostics import read_diagnostics
 from fedmilm.metrics.per_phone import PER_PHONE_FILE, append_per_phone, keep_rounds_up_to
 from fedmilm.metrics.progress import RoundProgress
+from fedmilm.privacy.randomness import SecureRandom
 from fedmilm.server.checkpoint import (
     ServerState,
     checkpoints,
@@ -110,13 +111,19 @@ def _progress(cfg: FedMilmConfig, server_round: int, phase: str, sampled: int,
                          emit=log.info, counts_secret=secret)
 
 
-def _send(grid: Grid, nodes: list[int], message_type: str, state: ServerState,
+def global_arrays(state: ServerState, cfg: FedMilmConfig) -> ArrayRecord:
+    """The global part as it travels down (`aggregation.download`); int8's rounding draws come
+    from the server's CSPRNG. The server keeps its own copy exact."""
+    return wire.encode(state.global_state, cfg.aggregation.download, SecureRandom())
+
+
+def _send(grid: Grid, nodes: list[int], message_type: str, down: ArrayRecord,
           server_round: int, cfg: FedMilmConfig, wiring: Wiring, deadline: float,
           progress: RoundProgress, clip_norm: float | None = None) -> Iterator[Message]:
-    """The replies of `nodes` to this round's message, as they arrive."""
-    messages = build_messages(nodes, message_type=message_type,
-                              global_state=state.global_state, server_round=server_round,
-                              config_text=wiring.config_text, clip_norm=clip_norm)
+    """The replies of `nodes` to this round's message (carrying `down`), as they arrive."""
+    messages = build_messages(nodes, message_type=message_type, global_arrays=down,
+                              server_round=server_round, config_text=wiring.config_text,
+                              clip_norm=clip_norm)
     for reply in stream_replies(grid, messages, deadline=deadline,
                                 window=cfg.federation.max_in_flight, on_wait=progress.tick):
         progress.reply()
@@ -143,9 +150,11 @@ def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round
     collector = TrainCollector(state.global_state, devices=wiring.devices,
                                max_norm=aggregator.max_update_norm, dp=cfg.privacy.any_dp,
                                quiet=secret, fold=fold, votes=aggregator.round_clip is not None,
-                               norm_multiple=None if secret else fed.norm_bound_multiple)
+                               norm_multiple=None if secret else fed.norm_bound_multiple,
+                               upload=cfg.aggregation.upload)
     answered = 0
-    for reply in _send(grid, cohort, TRAIN, state, server_round, cfg, wiring, deadline,
+    down = global_arrays(state, cfg)
+    for reply in _send(grid, cohort, TRAIN, down, server_round, cfg, wiring, deadline,
                        _progress(cfg, server_round, "training", len(cohort), secret),
                        aggregator.round_clip):
         answered += 1
@@ -159,6 +168,7 @@ def _train_plain(grid: Grid, cohort: list[int], state: ServerState, server_round
     step = aggregator.finish_round(round_sum, state.global_state)
     return TrainOutcome(step=step, replies=replies, contributors=round_sum.count,
                         bytes_up=sum(u.nbytes for u in replies.accepted),
+                        bytes_down=len(cohort) * down.count_bytes(),
                         ledger_decreases=None if secret else _track_ledgers(state, replies))
 
 
@@ -193,8 +203,9 @@ def _train_secure(grid: Grid, cohort: list[int], state: ServerState, server_roun
                          else 0)
     step = aggregator.aggregate_secure(result.mean, result.count, state.global_state)
     replies = TrainReplies(rejected=len(cohort) - result.count)
+    plain = ArrayRecord(state.global_state).count_bytes()  # SecAgg+ runs carry float32
     return TrainOutcome(step=step, replies=replies, contributors=result.count,
-                        bytes_up=result.count * ArrayRecord(state.global_state).count_bytes())
+                        bytes_up=result.count * plain, bytes_down=len(cohort) * plain)
 
 
 def discover_devices(grid: Grid, nodes: list[int], timeout: float,
@@ -274,7 +285,8 @@ def _evaluate(grid: Grid, state: ServerState, server_round: int, cfg: FedMilmCon
                     else sorted(state.sampler.sample(population, fed.clients_per_eval)))
     progress = _progress(cfg, server_round, "evaluation", len(eval_devices),
                          cfg.privacy.user_level)
-    replies = list(_send(grid, [node_of[d] for d in eval_devices], EVALUATE, state,
+    replies = list(_send(grid, [node_of[d] for d in eval_devices], EVALUATE,
+                         global_arrays(state, cfg),
                          server_round, cfg, wiring, deadline, progress))
     if not cfg.privacy.any_dp:
         return collect_evals(replies, wiring.devices)
@@ -352,9 +364,8 @@ def run_federation(grid: Grid, cfg: FedMilmConfig, run_dir: Path,
             (run_dir / "privacy_accountant.json").write_text(json.dumps(accountant))
         # ---- evaluate, record
         evals = _evaluate(grid, state, server_round, cfg, wiring, population, deadline)
-        bytes_down = len(cohort) * ArrayRecord(state.global_state).count_bytes()
         record = round_record(server_round, cohort=cohort, outcome=outcome, evals=evals,
-                               bytes_down=bytes_down, started=started,
+                               bytes_down=outcome.bytes_down, started=started,
                                seconds_train=seconds_train, aggregator=aggregator,
                                state=state, cfg=cfg, trained=trained)
         if trace is not None:

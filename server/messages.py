@@ -11,7 +11,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedmilm import protocol
-from fedmilm.adapters import State
+from fedmilm.adapters import State, wire
 from fedmilm.aggregation import update_problem
 from fedmilm.aggregation.streaming import StreamingNormBound
 from fedmilm.metrics import ClientEval
@@ -63,6 +63,7 @@ class TrainOutcome:
     replies: TrainReplies
     contributors: int
     bytes_up: int
+    bytes_down: int
     ledger_decreases: int | None = None
 
 
@@ -78,13 +79,13 @@ def round_config(server_round: int, config_text: str,
     return ConfigRecord(values)
 
 
-def build_messages(nodes: list[int], *, message_type: str, global_state: State,
+def build_messages(nodes: list[int], *, message_type: str, global_arrays: ArrayRecord,
                    server_round: int, config_text: str,
                    clip_norm: float | None = None) -> Iterator[Message]:
-    """One message per node, built as it is sent. They share one ArrayRecord and one
-    ConfigRecord (nobody mutates them), so a cohort costs one adapter's memory, not one per
-    phone."""
-    content = RecordDict({protocol.GLOBAL_ARRAYS: ArrayRecord(global_state),
+    """One message per node, built as it is sent. They share one ArrayRecord (the global part
+    in the run's download format) and one ConfigRecord (nobody mutates them), so a cohort costs
+    one adapter's memory, not one per phone."""
+    content = RecordDict({protocol.GLOBAL_ARRAYS: global_arrays,
                           protocol.CONFIG: round_config(server_round, config_text, clip_norm)})
     for node in nodes:
         yield Message(content=content, dst_node_id=node, message_type=message_type)
@@ -150,44 +151,19 @@ def metric(metrics: object, key: str, kind: type, *, minimum: float | None = Non
     return kind(value)
 
 
-WIRE_DTYPES = {"float32": 4, "float16": 2}
-NPY_HEADER_SLACK = 4096  # bytes of .npy header allowed on top of the tensor's own bytes
-
-
-def undecoded_problem(arrays: ArrayRecord, reference: State) -> str | None:
-    """Check an update's arrays from their metadata alone, before any tensor is built: their
-    number, names, serialisation, dtypes, shapes and byte sizes must match the reference, so a
-    phone cannot make the server decode an extra or oversized tensor."""
-    if len(arrays) != len(reference):
-        return f"wrong tensors: {len(arrays)} arrays, expected {len(reference)}"
-    unknown = [k for k in arrays if k not in reference]
-    if unknown:
-        return f"wrong tensors: {len(unknown)} unexpected (e.g. {unknown[0][:80]!r})"
-    for key, array in arrays.items():
-        ref = reference[key]
-        if array.stype != "numpy.ndarray" or array.dtype not in WIRE_DTYPES:
-            return f"{key}: dtype {array.dtype} ({array.stype}) is not float32/float16"
-        if tuple(array.shape) != tuple(ref.shape):
-            return f"{key}: shape {tuple(array.shape)}, expected {tuple(ref.shape)}"
-        limit = ref.numel() * WIRE_DTYPES[array.dtype] + NPY_HEADER_SLACK
-        if len(array.data) > limit:
-            return f"{key}: {len(array.data)} bytes for a {tuple(ref.shape)} tensor"
-    return None
-
-
-def _parse_update(reply: Message, reference: State, max_norm: float,
-                  device: int, dp: bool, votes: bool = False) -> ClientUpdate | str:
+def _parse_update(reply: Message, reference: State, max_norm: float, device: int, dp: bool,
+                  votes: bool = False, upload: str = "fp32") -> ClientUpdate | str:
     content = reply.content
     if protocol.UPDATE_ARRAYS not in content.array_records:
         return f"no '{protocol.UPDATE_ARRAYS}' arrays in the reply"
     arrays = content.array_records[protocol.UPDATE_ARRAYS]
-    problem = undecoded_problem(arrays, reference)
+    problem = wire.problem(arrays, reference, upload)  # before a byte of it is decoded
     if problem:
         return problem
     try:
-        update = arrays.to_torch_state_dict()
-    except Exception as err:  # noqa: BLE001 - any undecodable payload is a bad reply
-        return f"undecodable arrays ({type(err).__name__})"
+        update = wire.decode(arrays, reference, upload)
+    except ValueError as err:
+        return str(err)
     problem = update_problem(update, reference, max_norm=max_norm)
     if problem:
         return problem
@@ -229,14 +205,16 @@ class TrainCollector:
     longer than that many times the round's median norm so far (`StreamingNormBound`).
     `fold`: takes each accepted update (the server adds it to its running sums), after which
     only the update's statistics are kept; without it the updates themselves are kept.
-    `votes`: adaptive clipping: a reply must carry its +-0.5 clip vote."""
+    `votes`: adaptive clipping: a reply must carry its +-0.5 clip vote. `upload`: the wire
+    format updates must arrive in (`fedmilm.adapters.wire`)."""
 
     def __init__(self, reference: State, *, max_norm: float, devices: dict[int, int],
                  dp: bool = False, quiet: bool = False, norm_multiple: float | None = None,
                  fold: Callable[[ClientUpdate], None] | None = None,
-                 votes: bool = False) -> None:
+                 votes: bool = False, upload: str = "fp32") -> None:
         self.reference, self.max_norm, self.devices = reference, max_norm, devices
         self.dp, self.quiet, self.fold, self.votes = dp, quiet, fold, votes
+        self.upload = upload
         self.out = TrainReplies()
         self._bound = (None if norm_multiple is None
                        else StreamingNormBound(norm_multiple, RELATIVE_BOUND_MIN_UPDATES))
@@ -268,7 +246,7 @@ class TrainCollector:
             out.declined += 1
             return
         parsed = _parse_update(reply, self.reference, self.max_norm, device, self.dp,
-                               self.votes)
+                               self.votes, self.upload)
         if isinstance(parsed, str):
             _reject(node, devices, parsed, quiet)
             out.rejected += 1
@@ -306,10 +284,12 @@ class TrainCollector:
 
 def collect_updates(replies: Iterable[Message], reference: State, *, max_norm: float,
                     devices: dict[int, int], dp: bool = False, quiet: bool = False,
-                    norm_multiple: float | None = None, votes: bool = False) -> TrainReplies:
+                    norm_multiple: float | None = None, votes: bool = False,
+                    upload: str = "fp32") -> TrainReplies:
     """`TrainCollector` over a batch of replies, keeping the accepted updates."""
     collector = TrainCollector(reference, max_norm=max_norm, devices=devices, dp=dp,
-                               quiet=quiet, norm_multiple=norm_multiple, votes=votes)
+                               quiet=quiet, norm_multiple=norm_multiple, votes=votes,
+                               upload=upload)
     for reply in replies:
         collector.take(reply)
     return collector.finish()

@@ -198,6 +198,8 @@ class AggregationConfig:
     secagg_threshold: int = MISSING
     secagg_clip_range: float = MISSING
     secagg_quant_range: int = MISSING
+    upload: str = MISSING            # fp32 | fp16 | int8: how phones' updates travel
+    download: str = MISSING          # fp32 | fp16 | int8: how the global part travels down
 
 
 @dataclass

@@ -21,6 +21,7 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 AGGREGATION_METHODS = ("fedavg", "trimmed_mean", "median", "krum")
 AVAILABILITY = ("always", "synthetic", "trace")
 RUNTIMES = ("eager", "executorch")
+WIRE_FORMATS = ("fp32", "fp16", "int8")  # how adapter tensors travel (fedmilm.adapters.wire)
 DELEGATES = ("none", "xnnpack")  # ExecuTorch backends the model programs may be lowered to
 CHECKPOINTING = ("auto", "on", "off")
 TRAIN_DEVICES = ("auto", "cpu", "cuda")
@@ -261,6 +262,13 @@ def _check_aggregation(cfg: FedMilmConfig, problems: list[str]) -> None:
     if agg.method != "fedavg" and agg.secure:
         problems.append(f"aggregation.method={agg.method} needs every update, but "
                         "aggregation.secure=true shows the server only their sum; pick one")
+    for direction in ("upload", "download"):
+        fmt = getattr(agg, direction)
+        _choice(problems, f"aggregation.{direction}", fmt, WIRE_FORMATS)
+        if agg.secure and fmt != "fp32":
+            problems.append(f"aggregation.{direction}={fmt} with aggregation.secure=true: "
+                            "SecAgg+ quantises the updates itself (secagg_quant_range) and "
+                            f"carries float32; use aggregation.{direction}=fp32")
     _choice(problems, "aggregation.server_optimizer", agg.server_optimizer, SERVER_OPTIMIZERS)
     _positive(problems, "aggregation.server_lr", agg.server_lr)
     if not 0 <= agg.server_momentum < 1 or not 0 <= agg.server_beta2 < 1:

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from executorch.extension.pybindings import portable_lib
 from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
 
 from fedmilm.data.chat import IGNORE, Batch, Example, batches
@@ -26,6 +27,8 @@ from fedmilm.export.manifest import INITIAL_ADAPTER, Manifest, inside
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
 from fedmilm.privacy.randomness import private_random
 from fedmilm.training.skeleton import DpNoise, run_steps
+
+BACKENDS = {"xnnpack": "XnnpackBackend"}  # client.delegate -> the runtime's backend name
 
 
 class PhonePrograms:
@@ -51,6 +54,7 @@ class PhonePrograms:
         process or a program running on weights it was not exported with."""
         folder = Path(folder)
         manifest = Manifest.read(folder)
+        _check_backend(folder, manifest.delegate)
         programs = {name: _verified(folder, manifest, spec.file)
                     for name, spec in manifest.programs.items()}
         initial = ptd_to_adapter(manifest, _verified(folder, manifest, INITIAL_ADAPTER))
@@ -75,6 +79,16 @@ class PhonePrograms:
             data = self._base if uses_base else None
             self._loaded[name] = _load_for_executorch_from_buffer(self._programs[name], data)
         return self._loaded[name]
+
+
+def _check_backend(folder: Path, delegate: str) -> None:
+    """A bundle lowered to a delegate runs only where the runtime has that backend built in
+    (an Android library without XNNPACK would fail at the first step, not here)."""
+    backend = BACKENDS.get(delegate)
+    if delegate != "none" and (backend is None or backend not in
+                               portable_lib._get_registered_backend_names()):
+        raise ValueError(f"{folder} was exported with client.delegate={delegate}, which this "
+                         "ExecuTorch runtime does not have; re-export with client.delegate=none")
 
 
 def _verified(folder: Path, manifest: Manifest, name: str) -> bytes:

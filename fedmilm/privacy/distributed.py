@@ -137,10 +137,8 @@ def noisy_share(update: State, noise: DistributedNoise, random: PrivateRandom) -
     shared = {}
     for key in sorted(update):
         scaled = update[key].to(torch.float64) / noise.step
-        low = torch.floor(scaled)
-        up = random.uniform(scaled.numel()).view(scaled.shape) < (scaled - low)
-        index = low.to(torch.int64) + up.to(torch.int64) + skellam(
-            tuple(scaled.shape), noise.share_variance, random)
+        index = random.round_unbiased(scaled) + skellam(tuple(scaled.shape),
+                                                        noise.share_variance, random)
         shared[key] = (index.to(torch.float64) * noise.step).to(torch.float32)
     return shared
 

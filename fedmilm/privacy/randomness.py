@@ -44,6 +44,13 @@ class PrivateRandom(ABC):
         total = self._standard_normals(4 * count).view(4, count).sum(dim=0) / 2
         return (total * std).to(dtype).view(shape)
 
+    def round_unbiased(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` (float64) rounded to an integer neighbour at random, up with probability
+        equal to the fractional part, so the expectation is `values` itself (int64)."""
+        low = torch.floor(values)
+        up = self.uniform(values.numel()).view(values.shape) < (values - low)
+        return low.to(torch.int64) + up.to(torch.int64)
+
     def _standard_normals(self, n: int) -> torch.Tensor:
         """`n` float64 standard normals by Box-Muller (both the cosine and the sine branch)."""
         pairs = (n + 1) // 2

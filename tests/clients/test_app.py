@@ -8,11 +8,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmilm import protocol
-from fedmilm.adapters import cached_adapter_space
-from fedmilm.clients.app import app
+from fedmilm.adapters import cached_adapter_space, wire
+from fedmilm.clients.app import app, received_global
 from fedmilm.clients.storage import PERSONAL_FILE
 from fedmilm.config import to_yaml
 from fedmilm.privacy.policy import POLICY_FILE, PhonePolicy, policy_for_run
+from fedmilm.privacy.randomness import SeededRandom
 from tests.conftest import tiny_config
 
 
@@ -35,9 +36,9 @@ def _call(cfg, message_type: str, tmp_path, user: int = 0, server_round: int = 1
                            "storage-root": str(tmp_path / "server-says")})  # must be ignored
     if clip is not None:  # adaptive clipping: the round's clip
         config[protocol.CLIP_NORM] = clip
-    content = RecordDict({protocol.GLOBAL_ARRAYS:
-                          ArrayRecord(space.initial_state(space.global_keys)),
-                          protocol.CONFIG: config})
+    down = wire.encode(space.initial_state(space.global_keys), cfg.aggregation.download,
+                       SeededRandom(0))
+    content = RecordDict({protocol.GLOBAL_ARRAYS: down, protocol.CONFIG: config})
     msg = Message(content=content, dst_node_id=11, message_type=message_type)
     own = tmp_path / "devices" / str(user)
     own.mkdir(parents=True, exist_ok=True)
@@ -163,6 +164,35 @@ def test_a_dp_phone_sends_its_update_and_nothing_derived_from_its_data(tmp_path,
     metrics = reply.content.metric_records[protocol.METRICS]
     allowed = {protocol.LEDGER_TRAININGS} if mode != "user" else set()
     assert set(metrics) == allowed
+
+
+def test_an_int8_phone_uploads_codes_within_the_user_level_clip(tmp_path):
+    """int8 both ways under user-level DP: the reply is int8 codes that decode to an update
+    no longer than the clip, and the phone evaluates from an int8 global too."""
+    cfg = tiny_config("privacy=user", "aggregation.upload=int8", "aggregation.download=int8",
+                      "privacy.user.clip_norm=0.01", "train.lr=0.05")
+    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                 seed=cfg.seed)
+    reference = space.initial_state(space.global_keys)
+    arrays = _call(cfg, MessageType.TRAIN, tmp_path, user=1).content.array_records[
+        protocol.UPDATE_ARRAYS]
+    assert wire.problem(arrays, reference, "int8") is None
+    assert wire.squared_norm(wire.decode(arrays, reference, "int8")) ** 0.5 <= 0.01
+    assert wire.problem(arrays, reference, "fp32") is not None
+    cfg = tiny_config("aggregation.download=int8")
+    reply = _call(cfg, MessageType.EVALUATE, tmp_path, user=1)
+    assert protocol.LOSS_GLOBAL in reply.content.metric_records[protocol.METRICS]
+
+
+def test_a_phone_refuses_a_global_adapter_in_another_format():
+    cfg = tiny_config("aggregation.download=int8")
+    space = cached_adapter_space(cfg.model, cfg.lora, mode=cfg.personalization.mode,
+                                 seed=cfg.seed)
+    float32 = ArrayRecord(space.initial_state(space.global_keys))  # the run says int8
+    msg = Message(content=RecordDict({protocol.GLOBAL_ARRAYS: float32}), dst_node_id=11,
+                  message_type=MessageType.TRAIN)
+    with pytest.raises(ValueError, match="not int8"):
+        received_global(msg, cfg)
 
 
 def test_a_dp_phone_releases_no_evaluation(tmp_path):

@@ -9,6 +9,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmilm import protocol
+from fedmilm.adapters import wire
+from fedmilm.privacy.randomness import SeededRandom
 from fedmilm.server.messages import (
     collect_device_ids,
     collect_evals,
@@ -78,6 +80,22 @@ def test_a_crafted_train_reply_is_rejected_alone(name, caplog):
     out = collect_updates([honest, crafted], REF, max_norm=10.0, devices=DEVICES)
     assert [u.device for u in out.accepted] == [0] and out.rejected == 1
     assert "from node 101" in caplog.text
+
+
+def test_an_upload_in_another_format_than_the_runs_is_rejected_alone(caplog):
+    """An int8 run accepts int8 codes and turns away float32 (and vice versa)."""
+    codes = wire.encode({k: torch.full_like(v, 0.01) for k, v in REF.items()}, "int8",
+                        SeededRandom(0))
+    replies = [_reply(100, arrays=codes, metrics={protocol.NUM_EXAMPLES: 4}),
+               _reply(101, arrays=_update(), metrics={protocol.NUM_EXAMPLES: 4})]
+    out = collect_updates(replies, REF, max_norm=10.0, devices=DEVICES, upload="int8")
+    assert [u.device for u in out.accepted] == [0] and out.rejected == 1
+    torch.testing.assert_close(out.accepted[0].update["a.lora_A.weight"],
+                               torch.full((4, 3), 0.01))
+    assert out.accepted[0].nbytes < _update().count_bytes() / 3
+    assert "from node 101" in caplog.text and "int8" in caplog.text
+    plain = collect_updates(replies, REF, max_norm=10.0, devices=DEVICES)
+    assert [u.device for u in plain.accepted] == [1] and plain.rejected == 1
 
 
 def test_an_oversized_payload_is_refused_before_it_is_decoded(monkeypatch):

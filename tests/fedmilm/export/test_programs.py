@@ -74,8 +74,9 @@ def _assert_same_training(eager, programs_out, start):
     assert moved > 1e-3  # training really changed the adapter
     for key in start:
         # AdamW normalises each step, so float rounding in a near-zero gradient can move a
-        # coordinate by a sliver of one step (lr = 0.01): 2e-5 is 0.2% of it.
-        torch.testing.assert_close(programs_out[key], eager[key], rtol=1e-4, atol=2e-5)
+        # coordinate by a sliver of one step (lr = 0.01): 1e-4 is 1% of it (XNNPACK sums its
+        # products in another order than PyTorch: one coordinate in 256 moved 5e-5).
+        torch.testing.assert_close(programs_out[key], eager[key], rtol=1e-4, atol=1e-4)
 
 
 def _on_device(programs, state, examples, *, seed, dp=None):
@@ -421,20 +422,41 @@ def test_an_executorch_phone_never_loads_the_eager_model(exported):
     assert personal < base  # it learned what it trained on
 
 
-def test_programs_delegated_to_xnnpack_train_and_evaluate_as_eager_does(tmp_path):
-    """`client.delegate=xnnpack`: the products run in XNNPACK; the base stays in base.ptd."""
-    cfg = tiny_config(*OVERRIDES, "personalization=none", "client.delegate=xnnpack")
+def _delegates(folder, name: str) -> list[str]:
+    program = deserialize_pte_binary((folder / f"{name}.pte").read_bytes()).program
+    return [d.id for d in program.execution_plan[0].delegates]
+
+
+def test_by_default_the_model_programs_run_their_products_in_xnnpack(exported):
+    """The fixture's bundle is the default (`client.delegate=xnnpack`); the base stays in
+    base.ptd all the same (checked above), and the AdamW program needs no delegate."""
+    folder = exported[3].folder
+    assert exported[3].manifest.delegate == "xnnpack"
+    for name in ("train", "eval", "dp_grad"):
+        assert _delegates(folder, name) and set(_delegates(folder, name)) == {"XnnpackBackend"}
+    assert _delegates(folder, "adamw") == []
+
+
+def test_a_runtime_without_the_bundles_backend_refuses_it_at_load(exported, monkeypatch):
+    from executorch.extension.pybindings import portable_lib
+
+    monkeypatch.setattr(portable_lib, "_get_registered_backend_names", lambda: [])
+    with pytest.raises(ValueError, match="client.delegate=xnnpack, which this ExecuTorch"):
+        PhonePrograms.load(exported[3].folder)
+
+
+def test_programs_without_a_delegate_train_and_evaluate_as_eager_does(tmp_path):
+    """`client.delegate=none`: ExecuTorch's own kernels run everything, to the same result."""
+    cfg = tiny_config(*OVERRIDES, "personalization=none", "client.delegate=none")
     space = build_adapter_space(cfg.model, cfg.lora, mode="none", seed=0)
     gen = torch.Generator().manual_seed(16)
     start = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in space.initial.items()}
-    manifest, timings = export_bundle(space, cfg, tmp_path / "xnnpack", with_dp=False)
-    assert manifest.delegate == "xnnpack"
+    manifest, timings = export_bundle(space, cfg, tmp_path / "plain", with_dp=False)
+    assert manifest.delegate == "none"
     assert export_fingerprint(cfg) != export_fingerprint(tiny_config(*OVERRIDES,
                                                                      "personalization=none"))
-    programs = PhonePrograms.load(tmp_path / "xnnpack")
-    delegated = deserialize_pte_binary(programs._programs["train"]).program
-    assert [d.id for d in delegated.execution_plan[0].delegates] and all(
-        d.id == "XnnpackBackend" for d in delegated.execution_plan[0].delegates)
+    programs = PhonePrograms.load(tmp_path / "plain")
+    assert all(_delegates(programs.folder, name) == [] for name in manifest.programs)
     assert timings.sizes["train.pte"] < timings.sizes["base.ptd"] / 10
     examples = random_examples(9, seed=17)
     outcomes = [runtime.train(dict(start), examples, train=cfg.train, seed=2, dp=None)
