@@ -38,7 +38,7 @@ def _peak_rss() -> int:
 
 def _config(args: argparse.Namespace, overrides: list[str]):  # noqa: ANN202
     return config([*overrides, f"train.batch_size={args.batch}",
-                   f"client.micro_batch={args.batch}", "client.runtime=executorch",
+                   f"client.micro_batch={args.micro or args.batch}", "client.runtime=executorch",
                    "personalization=none"])
 
 
@@ -81,15 +81,16 @@ def phone_child(args: argparse.Namespace, overrides: list[str]) -> None:
     job = TrainJob(epochs=1, batch_size=args.batch, sampling="shuffle", noise_multiplier=None,
                    max_grad_norm=None, seed=1)
     adapter = adapter_to_ptd(manifest, programs.initial)
-    train_s, eval_s = [], []
-    for step in range(args.steps + 1):  # step 0 warms up
-        chunk = examples[step * args.batch:(step + 1) * args.batch]
-        _, result = train_with_programs(programs, adapter, chunk, job)
+    chunks = [examples[step * args.batch:(step + 1) * args.batch]
+              for step in range(args.steps + 1)]  # the first warms up
+    train_s = [train_with_programs(programs, adapter, chunk, job)[1].seconds
+               for chunk in chunks][1:]
+    eval_s = []  # then evaluation, as in a round (the train program's memory is released)
+    for chunk in chunks:
         started = time.perf_counter()
         heldout_loss(programs, programs.initial, chunk)
-        if step:
-            train_s.append(result.seconds)
-            eval_s.append(time.perf_counter() - started)
+        eval_s.append(time.perf_counter() - started)
+    eval_s = eval_s[1:]
     tokens = args.batch * seq
     print(json.dumps({"load_s": load_s, "train_tps": tokens / median(train_s),
                       "eval_tps": tokens / median(eval_s), "peak_rss": _peak_rss()}))
@@ -103,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--micro", type=int, default=None, help="micro-batch (default: batch)")
     parser.add_argument("--folder", default=None)
     parser.add_argument("--export-child", action="store_true")
     parser.add_argument("--phone-child", action="store_true")
@@ -116,22 +118,25 @@ def main() -> None:
     cfg = _config(args, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         flags = ["--steps", str(args.steps), "--batch", str(args.batch), "--folder",
-                 str(Path(tmp) / "bundle")]
+                 str(Path(tmp) / "bundle"), *(["--micro", str(args.micro)] if args.micro else [])]
         exported = _run("export-child", [*flags, *overrides])
         print(exported, flush=True)
         phone = _run("phone-child", [*flags, *overrides])
         print(phone, flush=True)
     quant = cfg.model.quantization
-    name = f"executorch-phone-{cfg.model.name}-{quant}"
+    micro, delegate = cfg.client.micro_batch, cfg.client.delegate
+    name = f"executorch-phone-{cfg.model.name}-{quant}-{delegate}-micro{micro}"
     lines = [
         f"## A phone on ExecuTorch only: `{cfg.model.name}`, base {cfg.model.dtype}, "
-        f"quantization {quant}",
+        f"quantization {quant}, delegate {delegate}, micro-batch {micro}",
         "",
         f"Command: `python benchmarks/executorch_phone.py --steps {args.steps} --batch "
-        f"{args.batch} {' '.join(overrides)}`. Machine: {machine()}. LoRA r={cfg.lora.r} on "
+        f"{args.batch}{f' --micro {args.micro}' if args.micro else ''} {' '.join(overrides)}`. "
+        f"Machine: {machine()}. LoRA r={cfg.lora.r} on "
         f"{', '.join(cfg.lora.target_modules)}; {args.batch} x {cfg.data.max_length} tokens per "
         "step; the phone is a fresh process that never builds the eager model; medians of "
-        f"{args.steps} steps after a warm-up.",
+        f"{args.steps} steps after a warm-up, then as many evaluations (the train program "
+        "released first, as in a round).",
         "",
         f"- Export: {exported['export_s']:.0f} s (building the base first: "
         f"{exported['build_s']:.0f} s), exporter peak RSS {exported['peak_rss'] / GIB:.2f} GiB; "
