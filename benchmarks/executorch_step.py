@@ -164,7 +164,7 @@ def main() -> None:
         "|---|---|",
         *[f"| {name} | {size / MIB:.2f} |" for name, size in timings.sizes.items()],
     ]
-    write_section(f"executorch-step-{cfg.model.name}", "\n".join(lines))
+    write_section(f"executorch-step-{cfg.model.name}-{cfg.client.delegate}", "\n".join(lines))
     print("\n".join(lines))
 
 
