@@ -28,9 +28,6 @@ quiet_offline_env()
 import torch  # noqa: E402
 from _common import config, machine, median, write_section  # noqa: E402
 from executorch.devtools import Inspector  # noqa: E402
-from executorch.extension.pybindings.portable_lib import (  # noqa: E402
-    _load_for_executorch_from_buffer,
-)
 
 from fedmilm.adapters import build_adapter_space  # noqa: E402
 from fedmilm.data import IGNORE  # noqa: E402
@@ -53,8 +50,7 @@ def profile_executorch(programs: PhonePrograms, examples: list[Example],
     pad = int(manifest.tokenizer["pad_token_id"])
     batch = pad_to_program(collate(examples[:manifest.micro_batch], pad),
                            rows=manifest.micro_batch, seq_len=manifest.seq_len, pad_id=pad)
-    module = _load_for_executorch_from_buffer(programs._programs["train"], programs._base,
-                                              enable_etdump=True)
+    module = programs.separate_module("train", enable_etdump=True)
     adapter = [programs.initial[k] for k in manifest.peft_keys()]
     weights = torch.full((manifest.micro_batch,), 1.0 / manifest.micro_batch)
     module.run_method("forward", (*adapter, batch.input_ids, batch.attention_mask,

@@ -66,6 +66,12 @@ class PhonePrograms:
         """The programs loaded now (each holding its planned working memory)."""
         return set(self._loaded)
 
+    def separate_module(self, name: str, **options):  # noqa: ANN003, ANN201
+        """A copy of program `name` loaded apart from the kept ones, with ExecuTorch's load
+        `options` (e.g. `enable_etdump=True` to profile it)."""
+        data = self._base if self.manifest.programs[name].data_file else None
+        return _load_for_executorch_from_buffer(self._programs[name], data, **options)
+
     def has(self, name: str) -> bool:
         return name in self._programs
 

@@ -56,6 +56,22 @@ def test_metrics_have_every_round_and_key(dual_run):
     assert last["loss_global"] < last["loss_base"]  # the federation learned something
 
 
+def test_int8_updates_both_ways_cost_a_quarter_and_still_learn(dual_run, tmp_path):
+    """The same federation as `dual_run` with `aggregation.upload=int8 download=int8`."""
+    done = _simulate([*SMALL, "personalization=dual", "aggregation.upload=int8",
+                      "aggregation.download=int8", f"hydra.run.dir={tmp_path}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (dual_run / "metrics.jsonl").read_text().splitlines()]
+    for row, fp32 in zip(rows, plain, strict=True):
+        assert row["clients"] == 2 and row["rejected"] == 0
+        # 1 byte a value instead of 4 (tensor names and .npy headers make it 0.27 here)
+        assert 0.25 < row["bytes_up"] / fp32["bytes_up"] < 0.3
+        assert 0.25 < row["bytes_down"] / fp32["bytes_down"] < 0.3
+    assert rows[-1]["loss_global"] < rows[-1]["loss_base"]
+    assert rows[-1]["loss_global"] == pytest.approx(plain[-1]["loss_global"], rel=0.02)
+
+
 def test_global_adapter_loads_with_peft_and_holds_the_trained_tensors(dual_run):
     cfg = tiny_config("personalization=dual")
     space = build_adapter_space(cfg.model, cfg.lora, mode="dual", seed=cfg.seed)

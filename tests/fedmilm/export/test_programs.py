@@ -182,7 +182,7 @@ def test_the_adapter_inputs_take_effect_and_the_programs_need_the_base(exported)
         loss = programs.module("train").run_method("forward", (*adapter, *inputs))[-1]
         assert float(loss) == pytest.approx(eager, rel=1e-5)
     with pytest.raises(RuntimeError):  # the base lives only in base.ptd
-        _load_for_executorch_from_buffer(programs._programs["train"]).run_method(
+        _load_for_executorch_from_buffer((programs.folder / "train.pte").read_bytes()).run_method(
             "forward", (*adapter, *inputs))
 
 
@@ -277,7 +277,8 @@ def test_manifest_describes_the_programs_as_executorch_sees_them(exported):
     assert (programs.folder / "tokenizer" / "tokenizer.json").is_file()
     for name, spec in manifest.programs.items():
         meta = programs.module(name).method_meta(spec.method)
-        plan = deserialize_pte_binary(programs._programs[name]).program.execution_plan[0]
+        plan = deserialize_pte_binary((programs.folder / spec.file).read_bytes()
+                                      ).program.execution_plan[0]
         assert spec.planned_bytes == sum(plan.non_const_buffer_sizes) > 0, name
         assert meta.num_inputs() == len(spec.inputs), name
         for index, tensor in enumerate(spec.inputs):
