@@ -13,6 +13,7 @@ undo the amplification by subsampling or subtract the noise. `seed` exists for v
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 JOB_VERSION = 1
@@ -83,9 +84,23 @@ class JobResult:
     loss: float      # mean training loss per example over all steps
     seconds: float
 
+    def __post_init__(self) -> None:
+        counts = (self.steps, self.examples, self.tokens)
+        reals = (self.loss, self.seconds)
+        if (any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts)
+                or any(isinstance(v, bool) or not isinstance(v, int | float)
+                       or not math.isfinite(v) or v < 0 for v in reals)):
+            raise ValueError("invalid result: steps, examples and tokens must be integers >= 0, "
+                             "loss and seconds finite numbers >= 0")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @staticmethod
     def from_json(text: str) -> JobResult:
-        return JobResult(**json.loads(text))
+        """Parse `result.json` (written by the phone's runtime: untrusted); `ValueError` for
+        anything but a valid result."""
+        try:
+            return JobResult(**json.loads(text))
+        except (TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"invalid result: {err}") from err

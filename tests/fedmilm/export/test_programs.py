@@ -287,6 +287,20 @@ def test_manifest_describes_the_programs_as_executorch_sees_them(exported):
                                   "base.ptd", "adapter.ptd"}
 
 
+def test_the_manifest_matches_its_json_schema(exported):
+    """What the exporter writes validates against clients/android/schemas/manifest.schema.json;
+    a manifest whose base leaves the bundle, or of another format, does not."""
+    from tests.fedmilm.export.test_schemas import schema
+
+    manifest = json.loads((exported[3].folder / "manifest.json").read_text())
+    validator = schema("manifest")
+    validator.validate(manifest)
+    for bad in ({**manifest, "base": {**manifest["base"], "file": "../../etc/passwd"}},
+                {**manifest, "format_version": 2},
+                {**manifest, "delegate": "gpu"}):
+        assert list(validator.iter_errors(bad))
+
+
 def test_batches_larger_than_the_program_are_refused():
     batch = collate(random_examples(2, seed=3), 0)
     with pytest.raises(ValueError, match="re-export"):

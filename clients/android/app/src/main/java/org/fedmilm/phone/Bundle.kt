@@ -50,6 +50,7 @@ data class BundleManifest(
     }
 }
 
+/** job.json, checked as clients/android/schemas/job.schema.json says (mirrored by hand). */
 data class TrainJob(
     val epochs: Int,
     val batchSize: Int,
@@ -58,17 +59,32 @@ data class TrainJob(
     val maxGradNorm: Double,
 ) {
     companion object {
+        const val MAX_EPOCHS = 100
+        const val MAX_BATCH = 4096
+
         fun parse(text: String): TrainJob {
             val j = JSONObject(text)
             require(j.getInt("version") == 1) { "unsupported job version" }
-            val poisson = j.getString("sampling") == "poisson"
-            return TrainJob(
+            val sampling = j.getString("sampling")
+            require(sampling == "shuffle" || sampling == "poisson") { "unknown sampling" }
+            val poisson = sampling == "poisson"
+            val job = TrainJob(
                 epochs = j.getInt("epochs"),
                 batchSize = j.getInt("batch_size"),
                 poisson = poisson,
                 noiseMultiplier = if (poisson) j.getDouble("noise_multiplier") else 0.0,
                 maxGradNorm = if (poisson) j.getDouble("max_grad_norm") else 0.0,
             )
+            require(job.epochs in 1..MAX_EPOCHS && job.batchSize in 1..MAX_BATCH) {
+                "epochs or batch_size out of bounds"
+            }
+            require(!poisson || (job.noiseMultiplier > 0 && job.maxGradNorm > 0)) {
+                "DP jobs need noise_multiplier > 0 and max_grad_norm > 0"
+            }
+            require(poisson || (j.isNull("noise_multiplier") && j.isNull("max_grad_norm"))) {
+                "noise_multiplier and max_grad_norm go with sampling=poisson only"
+            }
+            return job
         }
     }
 }
@@ -76,6 +92,7 @@ data class TrainJob(
 /** One tokenised interaction; labels are -100 outside assistant tokens. */
 data class Example(val inputIds: LongArray, val labels: LongArray)
 
+/** result.json, as clients/android/schemas/result.schema.json says. */
 data class JobResult(val steps: Int, val examples: Int, val tokens: Int, val loss: Double,
                      val seconds: Double) {
     fun toJson(): String = JSONObject(mapOf("steps" to steps, "examples" to examples,
