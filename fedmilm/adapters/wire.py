@@ -1,15 +1,18 @@
 """Adapter states on the wire: `fp32`, `fp16`, or `int8` (one scale per tensor, unbiased
 stochastic rounding), in both directions (`aggregation.upload`, `aggregation.download`).
 
-`fp32` and `fp16` travel as Flower's numpy arrays. `int8` travels as raw bytes (one byte per
-value, no `.npy` header: at 1.3B the headers of 96 tensors would be 0.8% of an upload) under the
-tensors' own names, plus one float32 array of scales in sorted key order. Whatever arrives is
-checked from its metadata alone (`problem`) before a byte of it is decoded.
+`fp32` and `fp16` travel as Flower's numpy arrays. `int8` codes travel deflated where that
+pays (zlib: the codes of an update cluster near zero, about 7 bits each instead of 8), else raw
+(no `.npy` header either way), under the tensors' own names, plus one raw float32 array of
+scales in sorted key order. Whatever arrives is checked from its metadata alone (`problem`)
+before a byte of it is decoded, and inflating stops at the tensor's own size: a small message
+cannot expand into a large one.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -20,7 +23,8 @@ from fedmilm.config.validate import WIRE_FORMATS
 from fedmilm.privacy.randomness import PrivateRandom
 
 SCALES = "__scales__"      # int8: the per-tensor scales, float32, sorted key order
-RAW = "fedmilm.raw"        # stype of int8 arrays: the values' bytes, little-endian, C order
+RAW = "fedmilm.raw"        # the values' bytes, little-endian, C order
+DEFLATED = "fedmilm.deflate"  # stype of int8 codes where zlib makes them smaller (else RAW)
 NPY_HEADER_SLACK = 4096    # bytes of .npy header allowed on top of a float tensor's own bytes
 LEVELS = 127               # int8 codes in [-127, 127]: symmetric, so zero is exact
 _FLOATS = {"fp32": ("float32", 4, torch.float32), "fp16": ("float16", 2, torch.float16)}
@@ -37,7 +41,7 @@ def encode(state: State, fmt: str, random: PrivateRandom) -> ArrayRecord:
     arrays, scales = {}, []
     for key in sorted(state):
         codes, scale = _quantize(state[key].detach().to(torch.float64), random)
-        arrays[key] = _raw(codes.numpy().astype(np.int8))
+        arrays[key] = _codes(codes.numpy().astype(np.int8))
         scales.append(scale)
     arrays[SCALES] = _raw(np.array(scales, dtype=np.float32))
     return ArrayRecord(arrays)
@@ -53,6 +57,14 @@ def _quantize(values: torch.Tensor, random: PrivateRandom) -> tuple[torch.Tensor
     if float(scale) < peak / LEVELS:
         scale = np.nextafter(scale, np.float32(np.inf))
     return random.round_unbiased(values / float(scale)), float(scale)
+
+
+def _codes(codes: np.ndarray) -> Array:
+    """Deflated, or raw where deflating does not pay (a small tensor of spread-out codes)."""
+    raw = codes.tobytes()
+    packed = zlib.compress(raw, 6)
+    smaller, stype = (packed, DEFLATED) if len(packed) < len(raw) else (raw, RAW)
+    return Array(dtype="int8", shape=tuple(codes.shape), stype=stype, data=smaller)
 
 
 def _raw(array: np.ndarray) -> Array:
@@ -75,12 +87,13 @@ def problem(arrays: ArrayRecord, reference: State, fmt: str) -> str | None:
         if tuple(array.shape) != shape:
             return f"{key}: shape {tuple(array.shape)}, expected {shape}"
         if fmt == "int8":
-            dtype = "float32" if key == SCALES else "int8"
-            if array.stype != RAW or array.dtype != dtype:
+            dtype, stypes = ("float32", (RAW,)) if key == SCALES else ("int8", (RAW, DEFLATED))
+            if array.stype not in stypes or array.dtype != dtype:
                 return f"{key}: dtype {array.dtype} ({array.stype}), but int8 carries {dtype}"
             size = math.prod(shape) * (4 if key == SCALES else 1)
-            if len(array.data) != size:
-                return f"{key}: {len(array.data)} bytes, expected {size}"
+            if (len(array.data) != size if array.stype == RAW
+                    else len(array.data) >= size):  # deflated only where it is smaller
+                return f"{key}: {len(array.data)} bytes for {size} values ({array.stype})"
             continue
         dtype, width, _ = _FLOATS[fmt]
         if array.stype != "numpy.ndarray" or array.dtype != dtype:
@@ -103,8 +116,26 @@ def decode(arrays: ArrayRecord, reference: State, fmt: str) -> State:
         raise ValueError("int8 scales must be finite and non-negative")
     out = {}
     for key, scale in zip(sorted(reference), scales.tolist(), strict=True):
-        codes = np.frombuffer(arrays[key].data, dtype=np.int8).reshape(reference[key].shape)
-        out[key] = torch.from_numpy(codes.astype(np.float32)) * scale
+        shape = reference[key].shape
+        data = arrays[key].data
+        if arrays[key].stype == DEFLATED:
+            data = _inflate(data, math.prod(shape), key)
+        codes = np.frombuffer(data, dtype=np.int8)
+        out[key] = torch.from_numpy(codes.reshape(shape).astype(np.float32)) * scale
+    return out
+
+
+def _inflate(data: bytes, size: int, key: str) -> bytes:
+    """Exactly `size` bytes out of a zlib stream, never more: refuses a stream that is cut
+    short, runs on past `size`, or carries anything after its end."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, size)
+        beyond = b"" if inflater.eof else inflater.decompress(inflater.unconsumed_tail, 1)
+    except zlib.error as err:
+        raise ValueError(f"{key}: undecodable int8 codes ({err})") from None
+    if len(out) != size or beyond or not inflater.eof or inflater.unused_data:
+        raise ValueError(f"{key}: int8 codes do not inflate to exactly {size} bytes")
     return out
 
 

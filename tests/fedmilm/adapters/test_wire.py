@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -34,17 +35,23 @@ def test_the_float_formats_round_trip_at_their_precision():
     assert all(len(half[k].data) <= 2 * REF[k].numel() + 128 for k in REF)  # 2 bytes + header
 
 
-def test_int8_is_one_byte_a_value_plus_one_scale_a_tensor():
+def test_int8_is_at_most_one_byte_a_value_plus_one_scale_a_tensor():
     state = _state()
+    state["q.lora_B.weight"][0, 0] = 1.0  # one outlier: the others' codes cluster near zero
     arrays = wire.encode(state, "int8", SeededRandom(0))
     values = sum(v.numel() for v in REF.values())
-    assert sum(len(a.data) for a in arrays.values()) == values + 4 * len(REF)
+    assert arrays["q.lora_B.weight"].stype == wire.DEFLATED  # deflating paid
+    assert len(arrays["q.lora_B.weight"].data) < REF["q.lora_B.weight"].numel() / 2
+    assert sum(len(a.data) for a in arrays.values()) < values + 4 * len(REF)
     back = wire.decode(arrays, REF, "int8")
     scales = np.frombuffer(arrays[wire.SCALES].data, dtype="<f4")
     for key, scale in zip(sorted(REF), scales, strict=True):
         assert float(scale) >= float(state[key].abs().max()) / 127  # rounded up, never below
         assert float((back[key] - state[key]).abs().max()) <= float(scale) * (1 + 1e-6)
-        codes = np.frombuffer(arrays[key].data, dtype=np.int8)
+        data = arrays[key].data
+        codes = np.frombuffer(zlib.decompress(data) if arrays[key].stype == wire.DEFLATED
+                              else data, dtype=np.int8)
+        assert codes.size == REF[key].numel()
         assert codes.min() >= -127 and codes.max() <= 127
         assert 127 in np.abs(codes)  # the largest value uses the whole range
 
@@ -112,18 +119,20 @@ BAD = {
     "int8 where float32 is expected": ("fp32", _int8),
     "float16 where float32 is expected": ("fp32", lambda: wire.encode(_state(), "fp16",
                                                                       SeededRandom(0))),
-    "short codes": ("int8", lambda: _with(_int8(), "q.lora_A.weight", Array(
-        dtype="int8", shape=(8, 48), stype=wire.RAW, data=b"\0" * 10))),
     "oversized codes": ("int8", lambda: _with(_int8(), "q.lora_A.weight", Array(
-        dtype="int8", shape=(8, 48), stype=wire.RAW, data=b"\0" * 10_000_000))),
+        dtype="int8", shape=(8, 48), stype=wire.DEFLATED, data=b"\0" * 10_000_000))),
+    "short raw codes": ("int8", lambda: _with(_int8(), "q.lora_A.weight", Array(
+        dtype="int8", shape=(8, 48), stype=wire.RAW, data=b"\0" * 383))),
+    "numpy-typed codes": ("int8", lambda: _with(_int8(), "q.lora_A.weight", Array(
+        dtype="int8", shape=(8, 48), stype="numpy.ndarray", data=b"\0" * 384))),
     "wrong shape": ("int8", lambda: _with(_int8(), "q.lora_A.weight", Array(
-        dtype="int8", shape=(48, 8), stype=wire.RAW, data=b"\0" * 384))),
+        dtype="int8", shape=(48, 8), stype=wire.DEFLATED, data=zlib.compress(b"\0" * 384)))),
     "no scales": ("int8", lambda: ArrayRecord({k: v for k, v in _int8().items()
                                                if k != wire.SCALES})),
     "numpy codes": ("int8", lambda: _with(_int8(), "q.lora_A.weight",
                                           Array(np.zeros((8, 48), dtype=np.int8)))),
     "an extra tensor": ("int8", lambda: _with(_int8(), "lm_head.weight", Array(
-        dtype="int8", shape=(2,), stype=wire.RAW, data=b"\0\0"))),
+        dtype="int8", shape=(2,), stype=wire.DEFLATED, data=zlib.compress(b"\0\0")))),
     "oversized float payload": ("fp32", lambda: _with(
         wire.encode(_state(), "fp32", SeededRandom(0)), "q.lora_A.weight",
         Array(dtype="float32", shape=(8, 48), stype="numpy.ndarray", data=b"\0" * 10_000_000))),
@@ -143,4 +152,24 @@ def test_bad_int8_scales_are_refused(scale):
         data=np.array([1.0, scale, 1.0], dtype="<f4").tobytes()))
     assert wire.problem(arrays, REF, "int8") is None  # well-formed: refused when decoded
     with pytest.raises(ValueError, match="scales"):
+        wire.decode(arrays, REF, "int8")
+
+
+INFLATE = {
+    "a bomb": zlib.compress(b"\0" * 300_000),  # 300 KB from 0.3 KB: stops at 385 bytes
+    "too short": zlib.compress(b"\0" * 100),
+    "cut off": zlib.compress(bytes(range(256)) + bytes(128))[:-6],
+    "trailing bytes": zlib.compress(b"\0" * 384) + b"more",
+    "not zlib": b"\x00\x01\x02" * 50,
+}
+
+
+@pytest.mark.parametrize("name", sorted(INFLATE))
+def test_int8_codes_inflate_to_exactly_their_size_or_are_refused(name):
+    """Small enough to pass the metadata check, the codes are refused when decoded, and
+    decoding never produces more than the tensor's own bytes."""
+    arrays = _with(_int8(), "q.lora_A.weight", Array(
+        dtype="int8", shape=(8, 48), stype=wire.DEFLATED, data=INFLATE[name]))
+    assert wire.problem(arrays, REF, "int8") is None  # smaller than 384 bytes: it passes
+    with pytest.raises(ValueError, match="q.lora_A.weight"):
         wire.decode(arrays, REF, "int8")

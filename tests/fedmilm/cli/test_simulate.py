@@ -65,9 +65,9 @@ def test_int8_updates_both_ways_cost_a_quarter_and_still_learn(dual_run, tmp_pat
     plain = [json.loads(line) for line in (dual_run / "metrics.jsonl").read_text().splitlines()]
     for row, fp32 in zip(rows, plain, strict=True):
         assert row["clients"] == 2 and row["rejected"] == 0
-        # 1 byte a value instead of 4 (tensor names and .npy headers make it 0.27 here)
-        assert 0.25 < row["bytes_up"] / fp32["bytes_up"] < 0.3
-        assert 0.25 < row["bytes_down"] / fp32["bytes_down"] < 0.3
+        # at most 1 byte a value instead of 4 (with tensor names and .npy headers: 0.27 here)
+        assert row["bytes_up"] / fp32["bytes_up"] < 0.3
+        assert row["bytes_down"] / fp32["bytes_down"] < 0.3
     assert rows[-1]["loss_global"] < rows[-1]["loss_base"]
     assert rows[-1]["loss_global"] == pytest.approx(plain[-1]["loss_global"], rel=0.02)
 
