@@ -127,7 +127,7 @@ def export_bundle(space: AdapterSpace, cfg: FedMilmConfig, out: Path, *,
     if cfg.client.delegate == "xnnpack":
         log.info("lowering with XNNPACK (client.delegate=xnnpack) needs about twice the memory "
                  "and four times the time of lowering without a delegate: the default model "
-                 "peaked at 15 GiB; milm-1.3b did not fit in 24 GiB (use client.delegate=none "
+                 "peaked at 14.4 GiB; milm-1.3b did not fit in 24 GiB (use client.delegate=none "
                  "there; BENCHMARKS.md)")
     micro, seq_len = micro_batch_of(cfg), cfg.data.max_length
     params = dict(zip(space.initial, space.trainable_parameters(), strict=True))

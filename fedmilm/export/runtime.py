@@ -36,8 +36,8 @@ class PhonePrograms:
     ExecuTorch on first use; they all read the one base buffer. Of the model programs (train,
     eval, dp_grad) only the one in use stays loaded: each holds its planned working memory
     (1.56 GiB for a 2 x 128 backward pass at 1.3B), so a phone's peak is the base plus the
-    largest of them, not their sum. Switching costs a load (milliseconds; the base is not
-    copied), twice a round."""
+    largest of them, not their sum. Switching reloads a program (the base is not copied),
+    twice a round."""
 
     def __init__(self, folder: Path, manifest: Manifest, programs: dict[str, bytes],
                  base: bytes, initial: dict[str, torch.Tensor]) -> None:
