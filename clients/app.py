@@ -106,10 +106,11 @@ def train(msg: Message, context: Context) -> Message:
     space = runtime.layout
     full = received_global(msg, cfg)
     received = full if phone.rank is None else truncate(full, phone.rank)
+    clip = _upload_clip(cfg, full) if cfg.privacy.user_level else None
     outcome = train_phone(runtime, global_state=received,
                           personal_state=phone.storage.load_personal(space),
                           examples=examples, train=cfg.train, seed=phone.task_seed, dp=dp,
-                          clip_norm=_upload_clip(cfg, full) if cfg.privacy.user_level else None)
+                          clip_norm=clip)
     if ledger is not None:  # the ledger is saved before anything derived from training leaves
         ledger.trainings += 1
         ledger.save(phone.storage.folder / LEDGER_FILE)
@@ -142,9 +143,8 @@ def train(msg: Message, context: Context) -> Message:
     upload = cfg.aggregation.upload
     # Under user-level DP what the server decodes must stay within the clip; a noisy share is
     # meant to exceed it (the clip bounds the update before its noise) and travels as float32.
-    arrays = (wire.encode_within(update, upload, _upload_clip(cfg, full), random)
-              if cfg.privacy.user_level and noise is None
-              else wire.encode(update, upload, random))
+    arrays = (wire.encode_within(update, upload, clip, random)
+              if clip is not None and noise is None else wire.encode(update, upload, random))
     content = RecordDict({protocol.UPDATE_ARRAYS: arrays, protocol.METRICS: metrics})
     return Message(content=content, reply_to=msg)
 

@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord
 from fedmilm.adapters.space import State
 from fedmilm.config.validate import WIRE_FORMATS
 from fedmilm.privacy.randomness import PrivateRandom
+from fedmilm.privacy.user_level import l2_norm
 
 SCALES = "__scales__"      # int8: the per-tensor scales, float32, sorted key order
 RAW = "fedmilm.raw"        # the values' bytes, little-endian, C order
@@ -139,11 +140,6 @@ def _inflate(data: bytes, size: int, key: str) -> bytes:
     return out
 
 
-def squared_norm(state: State) -> float:
-    """The squared L2 norm over all tensors, summed in float64."""
-    return sum(float(v.to(torch.float64).pow(2).sum()) for v in state.values())
-
-
 def encode_within(state: State, fmt: str, max_norm: float,
                   random: PrivateRandom) -> ArrayRecord:
     """`encode`, shrunk until what the receiver decodes has norm <= `max_norm`: user-level
@@ -153,7 +149,7 @@ def encode_within(state: State, fmt: str, max_norm: float,
     scaled = state
     for _ in range(_SHRINK_TRIES):
         arrays = encode(scaled, fmt, random)
-        norm = math.sqrt(squared_norm(decode(arrays, state, fmt)))
+        norm = l2_norm(decode(arrays, state, fmt))  # as the server measures it
         if norm <= max_norm:
             return arrays
         factor = max_norm / norm * (1 - 1e-6)

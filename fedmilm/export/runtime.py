@@ -78,12 +78,10 @@ class PhonePrograms:
     def module(self, name: str):  # noqa: ANN201 - ExecuTorch's module type is private
         """The loaded program `name` (train, eval, dp_grad, adamw)."""
         if name not in self._loaded:
-            uses_base = self.manifest.programs[name].data_file is not None
-            if uses_base:  # release the other model program's working memory first
-                for other in [n for n in self._loaded if self.manifest.programs[n].data_file]:
-                    del self._loaded[other]
-            data = self._base if uses_base else None
-            self._loaded[name] = _load_for_executorch_from_buffer(self._programs[name], data)
+            if self.manifest.programs[name].data_file:  # free the other model program first
+                self._loaded = {n: m for n, m in self._loaded.items()
+                                if not self.manifest.programs[n].data_file}
+            self._loaded[name] = self.separate_module(name)
         return self._loaded[name]
 
 

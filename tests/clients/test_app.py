@@ -177,11 +177,24 @@ def test_an_int8_phone_uploads_codes_within_the_user_level_clip(tmp_path):
     arrays = _call(cfg, MessageType.TRAIN, tmp_path, user=1).content.array_records[
         protocol.UPDATE_ARRAYS]
     assert wire.problem(arrays, reference, "int8") is None
-    assert wire.squared_norm(wire.decode(arrays, reference, "int8")) ** 0.5 <= 0.01
+    from fedmilm.privacy.user_level import l2_norm
+
+    assert l2_norm(wire.decode(arrays, reference, "int8")) <= 0.01
     assert wire.problem(arrays, reference, "fp32") is not None
     cfg = tiny_config("aggregation.download=int8")
     reply = _call(cfg, MessageType.EVALUATE, tmp_path, user=1)
     assert protocol.LOSS_GLOBAL in reply.content.metric_records[protocol.METRICS]
+
+
+def test_a_dp_phones_int8_rounding_cannot_be_replayed_from_the_public_config(tmp_path):
+    """Same run config, same phone, same round, same (deterministic) local training: under
+    DP the rounding draws come from the phone's CSPRNG, so the server cannot redo them."""
+    cfg = tiny_config("privacy=user", "aggregation.upload=int8", "privacy.user.clip_norm=1e3",
+                      "privacy.phone.max_user_clip=1e4")
+    first, again = (_call(cfg, MessageType.TRAIN, tmp_path / str(i), user=1).content
+                    .array_records[protocol.UPDATE_ARRAYS] for i in range(2))
+    assert first[wire.SCALES].data == again[wire.SCALES].data  # the same update was trained
+    assert any(first[k].data != again[k].data for k in first if k != wire.SCALES)
 
 
 def test_a_phone_refuses_a_global_adapter_in_another_format():

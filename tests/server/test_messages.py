@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,40 @@ def test_an_upload_in_another_format_than_the_runs_is_rejected_alone(caplog):
     assert "from node 101" in caplog.text and "int8" in caplog.text
     plain = collect_updates(replies, REF, max_norm=10.0, devices=DEVICES)
     assert [u.device for u in plain.accepted] == [1] and plain.rejected == 1
+
+
+def _int8_with(key: str, array: Array) -> ArrayRecord:
+    record = wire.encode({k: torch.full_like(v, 0.01) for k, v in REF.items()}, "int8",
+                         SeededRandom(0))
+    record[key] = array
+    return record
+
+
+CRAFTED_INT8 = {
+    "a zlib bomb": _int8_with("a.lora_A.weight", Array(
+        dtype="int8", shape=(4, 3), stype=wire.DEFLATED, data=zlib.compress(b"\0" * 10_000))),
+    "claimed huge shape": _int8_with("a.lora_A.weight", Array(
+        dtype="int8", shape=(10**9, 10**9), stype=wire.RAW, data=b"\0" * 12)),
+    "nan scale": _int8_with(wire.SCALES, Array(
+        dtype="float32", shape=(2,), stype=wire.RAW,
+        data=np.array([float("nan"), 1.0], dtype="<f4").tobytes())),
+    "huge scale": _int8_with(wire.SCALES, Array(
+        dtype="float32", shape=(2,), stype=wire.RAW,
+        data=np.array([3e38, 3e38], dtype="<f4").tobytes())),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED_INT8))
+def test_a_crafted_int8_reply_is_rejected_alone(name, caplog):
+    """Any value, any size: in an int8 run one phone's crafted codes or scales cost that reply
+    (a huge scale decodes to inf or past the norm bound), and the honest one still counts."""
+    honest = wire.encode({k: torch.full_like(v, 0.01) for k, v in REF.items()}, "int8",
+                         SeededRandom(1))
+    replies = [_reply(100, arrays=honest, metrics={protocol.NUM_EXAMPLES: 4}),
+               _reply(101, arrays=CRAFTED_INT8[name], metrics={protocol.NUM_EXAMPLES: 4})]
+    out = collect_updates(replies, REF, max_norm=10.0, devices=DEVICES, upload="int8")
+    assert [u.device for u in out.accepted] == [0] and out.rejected == 1
+    assert "from node 101" in caplog.text
 
 
 def test_an_oversized_payload_is_refused_before_it_is_decoded(monkeypatch):

@@ -403,17 +403,23 @@ def test_an_int8_base_trains_and_evaluates_through_executorch_as_eager_int8_does
                   and "lora_" not in n and p.dim() == 2)
     assert manifest.base.quantization == "int8"
     assert timings.sizes["base.ptd"] < float_base - 2.5 * decoder  # 1 byte per weight, not 4
-    examples = random_examples(9, seed=14)
+    (eager, eager_stats), (device, device_stats), losses = _eager_and_device(
+        space, programs, start, random_examples(9, seed=14), cfg)
+    _assert_same_training(eager, device, start)
+    assert device_stats.loss == pytest.approx(eager_stats.loss, rel=1e-5)
+    assert losses[1][:2] == pytest.approx(losses[0][:2], rel=1e-5)
+
+
+def _eager_and_device(space, programs, start, examples, cfg):
+    """Train from `start` eagerly and through `programs` (same data and seed), then evaluate
+    the eager result with both: ((eager, stats), (device, stats), [eager losses, device's])."""
     outcomes = [runtime.train(dict(start), examples, train=cfg.train, seed=2, dp=None)
                 for runtime in (EagerRuntime(space, MemoryPlan(MICRO, False, 0)),
                                 ExecuTorchRuntime(programs))]
-    (eager, eager_stats), (device, device_stats) = outcomes
-    _assert_same_training(eager, device, start)
-    assert device_stats.loss == pytest.approx(eager_stats.loss, rel=1e-5)
-    losses = [runtime.evaluate(global_state=eager, personal_state={}, examples=examples,
-                               batch_size=MICRO, loss_base=None)
+    losses = [runtime.evaluate(global_state=outcomes[0][0], personal_state={},
+                               examples=examples, batch_size=MICRO, loss_base=None)
               for runtime in (EagerRuntime(space), ExecuTorchRuntime(programs))]
-    assert losses[1][:2] == pytest.approx(losses[0][:2], rel=1e-5)
+    return outcomes[0], outcomes[1], losses
 
 
 def test_an_executorch_phone_never_loads_the_eager_model(exported):
@@ -473,13 +479,7 @@ def test_programs_without_a_delegate_train_and_evaluate_as_eager_does(tmp_path):
     programs = PhonePrograms.load(tmp_path / "plain")
     assert all(_delegates(programs.folder, name) == [] for name in manifest.programs)
     assert timings.sizes["train.pte"] < timings.sizes["base.ptd"] / 10
-    examples = random_examples(9, seed=17)
-    outcomes = [runtime.train(dict(start), examples, train=cfg.train, seed=2, dp=None)
-                for runtime in (EagerRuntime(space, MemoryPlan(MICRO, False, 0)),
-                                ExecuTorchRuntime(programs))]
-    (eager, _), (device, _) = outcomes
+    (eager, _), (device, _), losses = _eager_and_device(space, programs, start,
+                                                        random_examples(9, seed=17), cfg)
     _assert_same_training(eager, device, start)
-    losses = [runtime.evaluate(global_state=eager, personal_state={}, examples=examples,
-                               batch_size=MICRO, loss_base=None)
-              for runtime in (EagerRuntime(space), ExecuTorchRuntime(programs))]
     assert losses[1][:2] == pytest.approx(losses[0][:2], rel=1e-5)
