@@ -50,3 +50,6 @@ PRIVACY_POLICY = "privacy-policy" # the phone's own privacy policy file (JSON, P
 DIAGNOSTICS_DIR = "diagnostics-dir"  # simulation only: where a virtual phone leaves results
                                      # for the researcher, outside the wire (and the guarantee)
 DEVICE_TIER = "device-tier"       # deployment: the phone's tier in lora.rank_by_tier
+PHONE_LINK = "phone-link"         # deployment: the folder of the device's local link to its
+                                  # warm service or bridge (socket + key; fedmilm.deploy.link)
+PHONE_LINK_MAX_MB = "phone-link-max-mb"  # the largest reply the relay accepts over that link

@@ -229,6 +229,8 @@ class DeployConfig:
     threads_per_phone: int | None = None  # CPU threads per local phone; None = cores / cohort
     connect: str | None = None          # host:port of an existing SuperLink: submit only
     server_run_dir: str | None = None   # with connect: the run directory on the server's host
+    warm_phones: bool = MISSING          # one long-lived phone service per device + a relay
+    max_message_mb: int = MISSING        # largest message over a phone's local link
 
 
 @dataclass

@@ -312,6 +312,7 @@ def _check_deploy(cfg: FedMilmConfig, problems: list[str]) -> None:
     if deploy.server_run_dir and not deploy.connect:
         problems.append("deploy.server_run_dir only applies with deploy.connect=HOST:PORT")
     _positive(problems, "deploy.startup_timeout_s", deploy.startup_timeout_s)
+    _positive(problems, "deploy.max_message_mb", deploy.max_message_mb)
     if deploy.threads_per_phone is not None:
         _positive(problems, "deploy.threads_per_phone", deploy.threads_per_phone)
 

@@ -13,17 +13,21 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedmilm import protocol
 from fedmilm.config import FedMilmConfig, to_yaml
 from fedmilm.deploy.credentials import Credentials, create_credentials
+from fedmilm.deploy.link import LinkPaths, ensure_key, private_folder
 from fedmilm.deploy.processes import (
+    Managed,
     ProcessGroup,
     free_port,
     kill_strays,
     log_tail,
+    wait_for_path,
     wait_for_port,
 )
 from fedmilm.privacy.policy import POLICY_FILE, write_phone_policy
@@ -75,15 +79,29 @@ class Layout:
     def device_dir(self, index: int) -> Path:
         return self.run_dir / "devices" / str(index)  # the same place simulation uses
 
+    def link(self, index: int) -> LinkPaths:
+        """The device's local link between its relay and its warm service."""
+        return LinkPaths(self.device_dir(index) / "link")
+
+
+def _quoted(value: Path) -> str:
+    if any(c in str(value) for c in "\"'"):
+        raise ValueError(f"device folder {value} must not contain quotes")
+    return f"'{value}'"
+
 
 def node_config(index: int, num_nodes: int, device_dir: Path) -> str:
     """A SuperNode's `--node-config`: its user partition, its own storage folder and its own
     privacy policy file in it."""
-    if any(c in str(device_dir) for c in "\"'"):
-        raise ValueError(f"device folder {device_dir} must not contain quotes")
     return (f"{protocol.PARTITION_ID}={index} num-partitions={num_nodes} "
-            f"{protocol.DEVICE_DIR}='{device_dir}' "
-            f"{protocol.PRIVACY_POLICY}='{device_dir / POLICY_FILE}'")
+            f"{protocol.DEVICE_DIR}={_quoted(device_dir)} "
+            f"{protocol.PRIVACY_POLICY}={_quoted(device_dir / POLICY_FILE)}")
+
+
+def relay_node_config(link: LinkPaths, max_mb: int) -> str:
+    """The `--node-config` of a SuperNode whose phone is a long-lived endpoint: its relay
+    needs only the link (the phone's own node config stays with the phone)."""
+    return f"{protocol.PHONE_LINK}={_quoted(link.folder)} {protocol.PHONE_LINK_MAX_MB}={max_mb}"
 
 
 def cli_config(address: str, ca_cert: Path | None) -> str:
@@ -216,6 +234,10 @@ class LocalFederation:
         self.processes = ProcessGroup(env=child_env(), log_dir=self.layout.logs)
         self.phone_threads = threads_per_phone(cfg)
         self.identities: dict[int, int] = {}  # node id -> device id, bound to registered keys
+        self.services: dict[int, Managed] = {}  # device -> its warm phone service
+        self._stopping = threading.Event()
+        self._watchdog = threading.Thread(target=self._restart_crashed_services, daemon=True,
+                                          name="phone-service-watchdog")
 
     def __enter__(self) -> LocalFederation:
         try:
@@ -226,6 +248,9 @@ class LocalFederation:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        if self._watchdog.is_alive():
+            self._watchdog.join()
         self.processes.stop_all()
         strays = kill_strays(str(self.layout.root))
         if strays:
@@ -248,13 +273,22 @@ class LocalFederation:
         self.cli = FlwrCli(self.layout, self.address,
                            None if self.creds is None else self.creds.ca_cert,
                            self.processes.env)
+        if self.cfg.deploy.warm_phones:  # they load torch while the SuperLink starts
+            for index in range(n):
+                self.start_phone_service(index)
         self._start_superlink()
         for index in range(n):
             if self.creds is not None:  # the SuperLink's node id for phone index's key
                 self.identities[self.cli.register(self.creds.node_public_key(index))] = index
             self.start_supernode(index)
-        log.info("local federation up: SuperLink %s (%s), %d SuperNodes", self.address,
-                 "insecure" if self.creds is None else "TLS + SuperNode auth", n)
+        for index, child in self.services.items():
+            wait_for_path(child, self.layout.link(index).socket,
+                          self.cfg.deploy.startup_timeout_s)
+        if self.services:
+            self._watchdog.start()
+        log.info("local federation up: SuperLink %s (%s), %d SuperNodes%s", self.address,
+                 "insecure" if self.creds is None else "TLS + SuperNode auth", n,
+                 ", each relaying to its warm phone service" if self.services else "")
 
     def _start_superlink(self) -> None:
         argv = [_tool("flower-superlink"), "--host", self.host, "--port", str(self.port),
@@ -269,27 +303,58 @@ class LocalFederation:
             "FLWR_HOME": str(self.layout.flwr_home("superlink"))})
         wait_for_port(child, self.host, self.port, self.cfg.deploy.startup_timeout_s)
 
-    def start_supernode(self, index: int, *, private_key: Path | None = None,
-                        name: str | None = None) -> subprocess.Popen:
-        """Start SuperNode `index` (its data partition and device folder); with TLS it
-        authenticates with `private_key` (default: its own registered key)."""
-        n = self.cfg.federation.num_clients
+    def _phone_node_config(self, index: int) -> str:
+        """Phone `index`'s own node config (its partition, storage and privacy policy)."""
         device = self.layout.device_dir(index)
         write_phone_policy(self.cfg.privacy, device)
+        return node_config(index, self.cfg.federation.num_clients, device)
+
+    def _phone_threads(self) -> dict[str, str]:
+        threads = str(self.phone_threads)  # torch reads these at import
+        return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def start_phone_service(self, index: int) -> Managed:
+        """Start phone `index`'s warm service (`fedmilm.clients.service`) with the phone's own
+        node config and its link key (made once; kept across restarts)."""
+        link = private_folder(self.layout.link(index).folder)
+        ensure_key(link)
+        link.socket.unlink(missing_ok=True)  # a stale socket of an earlier run is not an answer
+        argv = [sys.executable, "-m", "fedmilm.clients.service", "--link", str(link.folder),
+                "--node-config", self._phone_node_config(index),
+                "--max-mb", str(self.cfg.deploy.max_message_mb)]
+        child = self.processes.start(f"phone-{index}", argv, extra_env=self._phone_threads())
+        self.services[index] = child
+        return child
+
+    def _restart_crashed_services(self) -> None:
+        """Watchdog: a phone service that exits while the federation runs is started again;
+        its personal adapter and privacy ledger are on its device storage, so nothing is lost
+        but the message it was handling (that reply fails; the round carries on)."""
+        while not self._stopping.wait(0.5):
+            for index, child in list(self.services.items()):
+                if child.proc.poll() is not None and not self._stopping.is_set():
+                    log.warning("phone %d's service exited with code %s; restarting it (its "
+                                "storage and ledger are kept)", index, child.proc.returncode)
+                    self.services[index] = self.processes.restart(child)
+
+    def start_supernode(self, index: int, *, private_key: Path | None = None,
+                        name: str | None = None) -> subprocess.Popen:
+        """Start SuperNode `index`: with a warm phone service it relays to it, else its
+        ClientApp runs phone `index` (partition, device folder) itself; with TLS it
+        authenticates with `private_key` (default: its own registered key)."""
+        own = (relay_node_config(self.layout.link(index), self.cfg.deploy.max_message_mb)
+               if index in self.services else self._phone_node_config(index))
         name = name or f"supernode-{index}"
         argv = [_tool("flower-supernode"), "--superlink", self.address,
-                "--port", str(free_port()), "--node-config", node_config(index, n, device),
-                "--max-retries", "3"]
+                "--port", str(free_port()), "--node-config", own, "--max-retries", "3"]
         if self.creds is None:
             argv.append("--insecure")
         else:
             key = private_key or self.creds.node_key(index)
             argv += ["--root-certificates", str(self.creds.ca_cert),
                      "--auth-supernode-private-key", str(key)]
-        threads = str(self.phone_threads)  # inherited by the ClientApp processes it starts
-        child = self.processes.start(name, argv, extra_env={
-            "FLWR_HOME": str(self.layout.flwr_home(name)), "OMP_NUM_THREADS": threads,
-            "MKL_NUM_THREADS": threads})
+        child = self.processes.start(name, argv, extra_env={  # threads: for its ClientApps
+            "FLWR_HOME": str(self.layout.flwr_home(name)), **self._phone_threads()})
         return child.proc
 
     # ---- the run

@@ -36,6 +36,8 @@ class Managed:
     name: str
     proc: subprocess.Popen
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,9 +56,14 @@ class ProcessGroup:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     env={**self.env, **(extra_env or {})})
-        child = Managed(name, proc, log_path)
+        child = Managed(name, proc, log_path, argv, dict(extra_env or {}))
         self.children.append(child)
         return child
+
+    def restart(self, child: Managed) -> Managed:
+        """Start `child`'s command again (it has exited); the new process replaces it."""
+        self.children.remove(child)
+        return self.start(child.name, child.argv, extra_env=child.extra_env)
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         """SIGTERM every child's process group, wait up to `grace_s`, then SIGKILL."""
@@ -104,6 +111,20 @@ def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def wait_for_path(child: Managed, path: Path, timeout_s: float) -> None:
+    """Block until `child` has created `path` (e.g. the socket it listens on); fail fast if
+    it exits."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with code {child.proc.returncode}:\n"
+                               f"{log_tail(child.log_path)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name} did not create {path} within {timeout_s:.0f} s:"
+                               f"\n{log_tail(child.log_path)}")
+        time.sleep(0.2)
 
 
 def wait_for_port(child: Managed, host: str, port: int, timeout_s: float) -> None:
