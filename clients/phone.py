@@ -28,7 +28,8 @@ from fedmilm.training.runtimes import PhoneRuntime, runtime_class
 
 
 @lru_cache(maxsize=8)
-def _config(text: str) -> FedMilmConfig:
+def config_from_text(text: str) -> FedMilmConfig:
+    """The run config a message carries, parsed once per process."""
     return load_config(OmegaConf.create(text))
 
 
@@ -44,12 +45,12 @@ def _space(cfg: FedMilmConfig, rank: int | None = None) -> AdapterSpace:
 @lru_cache(maxsize=8)
 def _tokenizer(config_text: str) -> PreTrainedTokenizerBase:
     """Loaded once per process, not once per phone (any tier's space shares it)."""
-    return load_tokenizer(_config(config_text).model)
+    return load_tokenizer(config_from_text(config_text).model)
 
 
 @lru_cache(maxsize=1024)
 def _examples(config_text: str, user: int) -> tuple[list[Example], list[Example]]:
-    cfg = _config(config_text)
+    cfg = config_from_text(config_text)
     tokenizer, max_length = _tokenizer(config_text), cfg.data.max_length
     data = load_user(cfg.data, user=user, seed=cfg.seed)
     return (encode_all(tokenizer, data.train, max_length),
@@ -60,7 +61,7 @@ def _examples(config_text: str, user: int) -> tuple[list[Example], list[Example]
 def _runtime(config_text: str, rank: int | None) -> PhoneRuntime:
     """The runtime `client.runtime` names, built once per process and tier: its memory plan
     (measured in this process with the model loaded) or its loaded programs."""
-    cfg = _config(config_text)
+    cfg = config_from_text(config_text)
     return runtime_class(cfg.client.runtime).for_phone(cfg, lambda: _space(cfg, rank))
 
 
@@ -85,7 +86,7 @@ class Phone:
     def cfg(self) -> FedMilmConfig:
         """The run config, with this round's clip when the server adapts it (the phone's own
         policy checks that clip like any other request)."""
-        cfg = _config(self.config_text)
+        cfg = config_from_text(self.config_text)
         if self.round_clip is None:
             return cfg
         user = replace(cfg.privacy.user, clip_norm=self.round_clip)
@@ -136,7 +137,7 @@ def phone_for(msg: Message, context: Context) -> Phone:
         raise ValueError(f"no '{protocol.DEVICE_DIR}' in this phone's node config: it does not "
                          "know where its own storage is")
     config_text = str(config[protocol.RUN_CONFIG])
-    tiers = _config(config_text).lora.rank_by_tier
+    tiers = config_from_text(config_text).lora.rank_by_tier
     declared = node.get(protocol.DEVICE_TIER)
     tier = tier_of(user, tiers, None if declared is None else str(declared))
     policy = node.get(protocol.PRIVACY_POLICY)

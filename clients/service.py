@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -51,6 +53,21 @@ def decode_request(frames: list[bytes]) -> tuple[Message, Context]:
             context_from_proto(ProtoContext.FromString(frames[1])))
 
 
+def answer(frames: list[bytes], respond: Callable[[Message, Context], Message],
+           who: str) -> list[bytes]:
+    """An endpoint's reply frames to one relayed request: `respond`'s reply and the context's
+    new state, or one line saying why it failed (Flower turns that into an error reply that
+    costs this message, never the endpoint)."""
+    try:
+        message, context = decode_request(frames)
+        reply = respond(message, context)
+    except Exception as err:  # noqa: BLE001 - one bad message must not stop the phone
+        log.warning("%s: message failed: %s: %s", who, type(err).__name__, err)
+        return [FAILED, f"{type(err).__name__}: {err}".encode()[:2000]]
+    return [OK, message_to_proto(reply).SerializeToString(),
+            recorddict_to_proto(context.state).SerializeToString()]
+
+
 class PhoneService:
     """Answers relayed messages with a ClientApp and this device's own node config."""
 
@@ -59,18 +76,16 @@ class PhoneService:
         self.served = 0
 
     def handle(self, frames: list[bytes]) -> list[bytes]:
-        """One message in, its reply and the context's new state out; a failure is one line
-        back to the relay (Flower turns it into an error reply that costs this message)."""
-        try:
-            message, context = decode_request(frames)
-            context.node_config = dict(self.node_config)  # the phone's own, never the relay's
-            reply = self.client_app(message=message, context=context)
-        except Exception as err:  # noqa: BLE001 - one bad message must not stop the phone
-            log.warning("phone service: message failed: %s: %s", type(err).__name__, err)
-            return [FAILED, f"{type(err).__name__}: {err}".encode()[:2000]]
+        return answer(frames, self._respond, "phone service")
+
+    def _respond(self, message: Message, context: Context) -> Message:
+        started = time.perf_counter()
+        context.node_config = dict(self.node_config)  # the phone's own, never the relay's
+        reply = self.client_app(message=message, context=context)
         self.served += 1
-        return [OK, message_to_proto(reply).SerializeToString(),
-                recorddict_to_proto(context.state).SerializeToString()]
+        log.info("%s message answered in %.1f s", message.metadata.message_type,
+                 time.perf_counter() - started)
+        return reply
 
 
 def main(argv: list[str] | None = None) -> None:

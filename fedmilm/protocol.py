@@ -12,6 +12,7 @@ CONFIG = "config"
 SERVER_ROUND = "server-round"
 RUN_CONFIG = "fedmilm-config"  # the validated run config as YAML (model, LoRA, data, training)
 CLIP_NORM = "clip-norm"        # adaptive clipping: this round's user-level clip (else the config's)
+DEADLINE = "deadline"          # unix time after which the server no longer waits for a reply
 RUN_DIR = "run-dir"            # deployment run config only: where the ServerApp writes outputs
 NODE_DEVICES = "node-devices"  # deployment run config: node id -> device id from key registration
 
@@ -37,11 +38,13 @@ DECLINED_CONDITIONS = 2           #   its device policy says no (not charging, m
 DECLINED_MEMORY = 3               #   training cannot fit client.memory_budget_mb
 DECLINED_POLICY = 4               #   the run asks for less privacy than its own policy allows
 DECLINED_LEDGER = 5               #   its privacy ledger is missing, corrupt or rolled back
+DECLINED_EVALUATION = 6           #   it does not evaluate (a bridged phone keeps its losses)
 DECLINE_REASONS = {DECLINED_BUDGET: "its DP-SGD budget is spent",
                    DECLINED_CONDITIONS: "its device policy says no",
                    DECLINED_MEMORY: "training does not fit its memory budget",
                    DECLINED_POLICY: "the run's privacy settings fall short of its own policy",
-                   DECLINED_LEDGER: "its privacy ledger is missing, corrupt or rolled back"}
+                   DECLINED_LEDGER: "its privacy ledger is missing, corrupt or rolled back",
+                   DECLINED_EVALUATION: "it does not evaluate"}
 
 # node_config keys
 PARTITION_ID = "partition-id"     # set by Flower's simulation engine; the phone's user index

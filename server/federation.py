@@ -123,7 +123,7 @@ def _send(grid: Grid, nodes: list[int], message_type: str, down: ArrayRecord,
     """The replies of `nodes` to this round's message (carrying `down`), as they arrive."""
     messages = build_messages(nodes, message_type=message_type, global_arrays=down,
                               server_round=server_round, config_text=wiring.config_text,
-                              clip_norm=clip_norm)
+                              clip_norm=clip_norm, deadline=time.time() + _left(deadline))
     for reply in stream_replies(grid, messages, deadline=deadline,
                                 window=cfg.federation.max_in_flight, on_wait=progress.tick):
         progress.reply()

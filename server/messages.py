@@ -67,26 +67,30 @@ class TrainOutcome:
     ledger_decreases: int | None = None
 
 
-def round_config(server_round: int, config_text: str,
-                 clip_norm: float | None = None) -> ConfigRecord:
-    """What every phone is told each round: the round, the run config and (adaptive clipping)
+def round_config(server_round: int, config_text: str, clip_norm: float | None = None,
+                 deadline: float | None = None) -> ConfigRecord:
+    """What every phone is told each round: the round, the run config, (adaptive clipping)
     the round's clip: a request, each phone checks it against its own policy; where its
-    storage lives is its own business."""
+    storage lives is its own business. `deadline` (unix time) tells a phone that works
+    asynchronously (a bridged phone) when its job stops being worth finishing."""
     values: dict[str, int | float | str] = {protocol.SERVER_ROUND: server_round,
                                             protocol.RUN_CONFIG: config_text}
+    if deadline is not None:
+        values[protocol.DEADLINE] = float(deadline)
     if clip_norm is not None:
         values[protocol.CLIP_NORM] = float(clip_norm)
     return ConfigRecord(values)
 
 
 def build_messages(nodes: list[int], *, message_type: str, global_arrays: ArrayRecord,
-                   server_round: int, config_text: str,
-                   clip_norm: float | None = None) -> Iterator[Message]:
+                   server_round: int, config_text: str, clip_norm: float | None = None,
+                   deadline: float | None = None) -> Iterator[Message]:
     """One message per node, built as it is sent. They share one ArrayRecord (the global part
     in the run's download format) and one ConfigRecord (nobody mutates them), so a cohort costs
     one adapter's memory, not one per phone."""
     content = RecordDict({protocol.GLOBAL_ARRAYS: global_arrays,
-                          protocol.CONFIG: round_config(server_round, config_text, clip_norm)})
+                          protocol.CONFIG: round_config(server_round, config_text, clip_norm,
+                                                        deadline)})
     for node in nodes:
         yield Message(content=content, dst_node_id=node, message_type=message_type)
 
@@ -300,6 +304,9 @@ def collect_evals(replies: list[Message], devices: dict[int, int]) -> list[Clien
     evals = []
     for reply in replies:
         node = reply.metadata.src_node_id
+        if (not reply.has_error() and protocol.METRICS in reply.content.metric_records
+                and protocol.DECLINED in reply.content.metric_records[protocol.METRICS]):
+            continue  # a phone that does not evaluate (under DP, or bridged) said so
         if (reply.has_error() or node not in devices
                 or protocol.METRICS not in reply.content.metric_records):
             reason = reply.error.reason if reply.has_error() else "no metrics or unknown node"

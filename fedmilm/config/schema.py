@@ -231,6 +231,9 @@ class DeployConfig:
     server_run_dir: str | None = None   # with connect: the run directory on the server's host
     warm_phones: bool = MISSING          # one long-lived phone service per device + a relay
     max_message_mb: int = MISSING        # largest message over a phone's local link
+    bridged_phones: int = 0              # the last K phones join through the HTTPS bridge
+    bridge_port: int | None = None       # the bridge's port; None = a free one
+    reference_phones: bool = MISSING     # start a Python reference phone per bridged device
 
 
 @dataclass

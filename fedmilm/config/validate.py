@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedmilm.bridge.limits import bridged_problems
 from fedmilm.config.schema import FedMilmConfig
 from fedmilm.privacy.secagg_grid import FLOAT32_EXACT, SECAGG_MODULUS, is_power_of_two
 
@@ -313,6 +314,11 @@ def _check_deploy(cfg: FedMilmConfig, problems: list[str]) -> None:
         problems.append("deploy.server_run_dir only applies with deploy.connect=HOST:PORT")
     _positive(problems, "deploy.startup_timeout_s", deploy.startup_timeout_s)
     _positive(problems, "deploy.max_message_mb", deploy.max_message_mb)
+    if not 0 <= deploy.bridged_phones <= cfg.federation.num_clients:
+        problems.append(f"deploy.bridged_phones={deploy.bridged_phones} must be in [0, "
+                        f"federation.num_clients={cfg.federation.num_clients}]")
+    elif deploy.bridged_phones:
+        problems.extend(f"deploy.bridged_phones: {p}" for p in bridged_problems(cfg))
     if deploy.threads_per_phone is not None:
         _positive(problems, "deploy.threads_per_phone", deploy.threads_per_phone)
 

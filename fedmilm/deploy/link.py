@@ -19,12 +19,14 @@ import secrets
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 KEY_BYTES = 32
 NONCE_BYTES = 32
+IDLE_S = 60.0  # a peer silent this long mid-request is dropped
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux; keep a margin
 _LENGTH = struct.Struct(">Q")
 
@@ -135,19 +137,26 @@ def accept_peer(conn: socket.socket, key: bytes) -> None:
 
 
 def serve_forever(paths: LinkPaths, key: bytes, handle: Callable[[list[bytes]], list[bytes]],
-                  *, max_bytes: int, on_error: Callable[[str], None]) -> None:
+                  *, max_bytes: int, on_error: Callable[[str], None],
+                  stop: threading.Event | None = None) -> None:
     """Answer one authenticated request per connection with `handle`, one at a time (a phone
-    does one thing at a time). A refused or broken connection costs only itself."""
+    does one thing at a time), until `stop` is set. A refused, stalled (`IDLE_S` without a
+    byte) or broken connection costs only itself."""
     with bind(paths) as listener:
-        while True:
-            conn, _ = listener.accept()
+        listener.settimeout(0.5)  # to notice `stop`
+        while stop is None or not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
             with conn:
+                conn.settimeout(IDLE_S)
                 try:
                     accept_peer(conn, key)
                     reply = handle(read_frames(conn, max_bytes))
                     send_frames(conn, reply)
                 except (LinkError, OSError) as err:
-                    on_error(str(err))
+                    on_error(str(err) or type(err).__name__)
 
 
 def bind(paths: LinkPaths) -> socket.socket:
@@ -185,8 +194,8 @@ def request(paths: LinkPaths, key: bytes, frames: list[bytes], *, max_bytes: int
             return read_frames(conn, max_bytes)
         except TimeoutError as err:
             raise LinkError(f"the phone endpoint did not answer within {timeout_s:.0f} s") from err
-        except LinkError as err:
-            if "closed the link" in str(err):
+        except (OSError, LinkError) as err:
+            if isinstance(err, OSError) or "closed the link" in str(err):
                 raise LinkError("the phone endpoint closed the link (refused, or it stopped "
                                 "mid-message)") from err
             raise

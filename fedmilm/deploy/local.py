@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fedmilm import protocol
 from fedmilm.config import FedMilmConfig, to_yaml
+from fedmilm.deploy.bridged import bridge_settings, provision_phone
 from fedmilm.deploy.credentials import Credentials, create_credentials
 from fedmilm.deploy.link import LinkPaths, ensure_key, private_folder
 from fedmilm.deploy.processes import (
@@ -56,7 +57,10 @@ def child_env() -> dict[str, str]:
     Python's bin folder first on PATH, because the SuperLink and SuperNodes start
     `flower-superexec` by name (a venv that is not activated would not be found)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", "PATH": path}
+    return {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", "PATH": path,
+            # how often a SuperExec looks for a message to start a ClientApp for (Flower's
+            # default, 1 s, adds half a second to every message on average)
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,10 @@ class Layout:
     def link(self, index: int) -> LinkPaths:
         """The device's local link between its relay and its warm service."""
         return LinkPaths(self.device_dir(index) / "link")
+
+    def bridge_link(self, index: int) -> LinkPaths:
+        """A bridged phone's link between its relay and the bridge (server side)."""
+        return LinkPaths(self.root / "bridge" / str(index))
 
 
 def _quoted(value: Path) -> str:
@@ -235,6 +243,10 @@ class LocalFederation:
         self.phone_threads = threads_per_phone(cfg)
         self.identities: dict[int, int] = {}  # node id -> device id, bound to registered keys
         self.services: dict[int, Managed] = {}  # device -> its warm phone service
+        n, k = cfg.federation.num_clients, cfg.deploy.bridged_phones
+        self.bridged = list(range(n - k, n))  # phones that speak HTTPS through the bridge
+        self.bridge_url: str | None = None
+        self.phones: dict[int, Managed] = {}  # bridged device -> its reference phone
         self._stopping = threading.Event()
         self._watchdog = threading.Thread(target=self._restart_crashed_services, daemon=True,
                                           name="phone-service-watchdog")
@@ -275,7 +287,10 @@ class LocalFederation:
                            self.processes.env)
         if self.cfg.deploy.warm_phones:  # they load torch while the SuperLink starts
             for index in range(n):
-                self.start_phone_service(index)
+                if index not in self.bridged:
+                    self.start_phone_service(index)
+        if self.bridged:
+            self._start_bridge()
         self._start_superlink()
         for index in range(n):
             if self.creds is not None:  # the SuperLink's node id for phone index's key
@@ -286,9 +301,47 @@ class LocalFederation:
                           self.cfg.deploy.startup_timeout_s)
         if self.services:
             self._watchdog.start()
-        log.info("local federation up: SuperLink %s (%s), %d SuperNodes%s", self.address,
+        if self.cfg.deploy.reference_phones:
+            for index in self.bridged:
+                self.start_reference_phone(index)
+        log.info("local federation up: SuperLink %s (%s), %d SuperNodes%s%s", self.address,
                  "insecure" if self.creds is None else "TLS + SuperNode auth", n,
-                 ", each relaying to its warm phone service" if self.services else "")
+                 ", warm phone services" if self.services else "",
+                 f", {len(self.bridged)} bridged phone(s) at {self.bridge_url}"
+                 if self.bridged else "")
+
+    def _start_bridge(self) -> None:
+        """The HTTPS bridge (`fedmilm.clients.bridge`) with the deployment's certificate, a
+        link per bridged phone, and each bridged phone's own folder staged."""
+        port = self.cfg.deploy.bridge_port or free_port(self.host)
+        scheme = "http" if self.creds is None else "https"
+        self.bridge_url = f"{scheme}://{self.host}:{port}"
+        devices = {}
+        for index in self.bridged:
+            link = private_folder(self.layout.bridge_link(index).folder)
+            ensure_key(link)
+            code = provision_phone(self.layout.device_dir(index), self.cfg, index,
+                                   bridge_url=self.bridge_url,
+                                   ca_cert=None if self.creds is None else self.creds.ca_cert)
+            devices[index] = (link.folder, code)
+        settings = self.layout.root / "bridge.json"
+        settings.write_text(bridge_settings(
+            host=self.host, port=port, max_mb=self.cfg.deploy.max_message_mb,
+            cert=None if self.creds is None else self.creds.server_cert,
+            key=None if self.creds is None else self.creds.server_key, devices=devices))
+        child = self.processes.start("bridge", [sys.executable, "-m", "fedmilm.clients.bridge",
+                                                "--config", str(settings)])
+        wait_for_port(child, self.host, port, self.cfg.deploy.startup_timeout_s)
+
+    def start_reference_phone(self, index: int, *, upload_piece_kb: int = 1024) -> Managed:
+        """The Python reference phone for bridged device `index`, on its own folder."""
+        argv = [sys.executable, "-m", "fedmilm.clients.reference_phone",
+                "--storage", str(self.layout.device_dir(index)), "--poll-s", "0.5",
+                "--upload-piece-kb", str(upload_piece_kb)]
+        child = self.processes.start(f"reference-phone-{index}", argv,
+                                     extra_env=self._phone_threads())
+        self.phones[index] = child
+        return child
 
     def _start_superlink(self) -> None:
         argv = [_tool("flower-superlink"), "--host", self.host, "--port", str(self.port),
@@ -342,8 +395,13 @@ class LocalFederation:
         """Start SuperNode `index`: with a warm phone service it relays to it, else its
         ClientApp runs phone `index` (partition, device folder) itself; with TLS it
         authenticates with `private_key` (default: its own registered key)."""
-        own = (relay_node_config(self.layout.link(index), self.cfg.deploy.max_message_mb)
-               if index in self.services else self._phone_node_config(index))
+        max_mb = self.cfg.deploy.max_message_mb
+        if index in self.bridged:
+            own = relay_node_config(self.layout.bridge_link(index), max_mb)
+        elif index in self.services:
+            own = relay_node_config(self.layout.link(index), max_mb)
+        else:
+            own = self._phone_node_config(index)
         name = name or f"supernode-{index}"
         argv = [_tool("flower-supernode"), "--superlink", self.address,
                 "--port", str(free_port()), "--node-config", own, "--max-retries", "3"]
