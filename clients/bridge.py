@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, type=Path,
                         help="JSON: host, port, cert, key (null: plain HTTP), max_mb, devices")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
     from fedmilm.runtime import quiet_offline_env
 
     quiet_offline_env()

@@ -221,7 +221,7 @@ class ReferencePhone:
 
     def save_personal(self, manifest, trained: dict) -> None:  # noqa: ANN001 - Manifest
         folder = self.storage / "personal"
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
         for t in manifest.adapter:
             if t.part == "personal":
                 tmp = folder / f"{t.program_key}.tmp"
@@ -257,11 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upload-piece-kb", type=int, default=1024)
     parser.add_argument("--once", action="store_true", help="one job (or none), then exit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
     phone = ReferencePhone(args.storage, upload_piece=args.upload_piece_kb << 10)
-    phone.bridge.register()
     while True:
         try:
+            phone.bridge.register()  # once; until then the bridge may not be up yet
             worked = phone.poll()
         except (OSError, RuntimeError, ValueError) as err:
             log.warning("phone %s: %s", phone.bridge.device, err)

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--node-config", required=True, help="this phone's own node config")
     parser.add_argument("--max-mb", type=int, default=256, help="largest message accepted")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
     from fedmilm.runtime import quiet_offline_env
 
     quiet_offline_env()

@@ -15,10 +15,10 @@ import jsonschema
 import pytest
 import referencing
 
-from fedmilm.clients.reference_phone import BridgeClient
 from fedmilm.bridge.board import Board, Offer, new_job_id
 from fedmilm.bridge.http import MAX_CHUNK, Bridge, BridgeServer, Enrolment, server_tls
 from fedmilm.bridge.signing import NONCE, SIGNATURE, TIME, Verifier, new_key, public_pem, sign
+from fedmilm.clients.reference_phone import BridgeClient
 from fedmilm.deploy.credentials import create_credentials
 from fedmilm.deploy.processes import free_port
 from fedmilm.export.job import JobResult, TrainJob

@@ -143,28 +143,55 @@ def test_insecure_mode_must_be_asked_for_and_configs_are_well_formed(tmp_path):
     assert creds.node_key(0).stat().st_mode & 0o777 == 0o600
 
 
-def test_deployed_dp_run_writes_nothing_per_phone(tmp_path):
-    """`fedmilm-deploy` under both DP levels: the phones train and keep their ledgers in their
-    own storage; the server's outputs hold no per-phone row, loss or count."""
+def _service_pid(run_dir: Path, device: int) -> int | None:
+    marker = f"fedmilm.clients.service --link {run_dir}/devices/{device}/link"
+    found = [line.split()[0] for line in _alive(marker)]
+    return int(found[0]) if found else None
+
+
+def test_deployed_dp_run_writes_nothing_per_phone_and_a_crashed_phone_keeps_its_ledger(
+        tmp_path):
+    """`fedmilm-deploy` under both DP levels, each phone a warm service: the phones train and
+    keep their ledgers in their own storage; the server's outputs hold no per-phone row, loss
+    or count. Phone 0's service is killed after round 1: the deployment restarts it and its
+    ledger goes on counting where it stopped (state on the device survives the crash)."""
     run_dir = tmp_path / "run"
-    done = subprocess.run([*DEPLOY, "model=tiny", *SMALL, "federation.rounds=1", "privacy=both",
-                           "privacy.delta=1e-3", "privacy.user.allow_swamped=true",
-                           f"hydra.run.dir={run_dir}"],
-                          capture_output=True, text=True, timeout=600,
-                          preexec_fn=_ctrl_c_enabled)
+    proc = subprocess.Popen([*DEPLOY, "model=tiny", *SMALL, "privacy=both",
+                             "privacy.delta=1e-3", "privacy.user.allow_swamped=true",
+                             f"hydra.run.dir={run_dir}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_ctrl_c_enabled)
     try:
-        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        crashed = _service_pid(run_dir, 0)
+        assert crashed is not None
+        os.kill(crashed, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
     finally:
+        proc.kill()
         kill_strays(str(run_dir))
-    [row] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert row["evaluated"] is None and row["diagnostics"] is None
-    assert not (run_dir / "per_phone.jsonl.gz").exists()
-    assert all(row[k] is None for k in ("clients", "rejected", "declined", "train_loss",
-                                        "loss_base", "loss_global", "loss_personal",
-                                        "epsilon_sample_max"))
-    assert row["epsilon_user"] > 0 and not (run_dir / "diagnostics").exists()
-    ledgers = list((run_dir / "devices").glob("*/privacy_ledger.json"))
-    assert ledgers  # kept by the phones that trained, in their own folders
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["evaluated"] is None and row["diagnostics"] is None
+        assert all(row[k] is None for k in ("clients", "rejected", "declined", "train_loss",
+                                            "loss_base", "loss_global", "loss_personal",
+                                            "epsilon_sample_max"))
+        assert row["epsilon_user"] > 0
+    assert not (run_dir / "per_phone.jsonl.gz").exists() and not (run_dir / "diagnostics").exists()
+    assert "phone 0's service exited" in output and "restarting it" in output
+    for device in (0, 1):
+        service_log = (run_dir / "deploy" / "logs" / f"phone-{device}.log").read_text()
+        trained = service_log.count("train message answered")
+        ledger = json.loads((run_dir / "devices" / str(device) / "privacy_ledger.json")
+                            .read_text())
+        assert ledger["trainings"] == trained >= 1  # charged once per training, never reset
+        assert service_log.count("phone service ready") == (2 if device == 0 else 1)
+    restarted = (run_dir / "deploy" / "logs" / "phone-0.log").read_text().split(
+        "phone service ready")[-1]
+    assert "train message answered" in restarted  # the restarted service trained again
 
 
 def test_deploy_refuses_seeded_dp_noise(tmp_path):
