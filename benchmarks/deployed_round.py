@@ -71,7 +71,8 @@ def main() -> None:
             }
             print(kind, results[kind], flush=True)
     sim, cold, warm = results["sim"], results["cold"], results["warm"]
-    body = f"""## Deployed round vs simulated round
+    models = [o.split("=", 1)[1] for o in overrides if o.startswith("model=")]  # a 2nd section
+    body = f"""## Deployed round vs simulated round{"".join(f" ({m} model)" for m in models)}
 
 `python benchmarks/deployed_round.py {' '.join(sys.argv[1:])}`
 (config: {' '.join(overrides)}; {machine()}). One run each, back to back on this machine.
@@ -93,7 +94,7 @@ hard-coded in Flower 1.42; a fresh `flwr-clientapp` process per message, now a t
 the cohort's slowest phone (deployed phones train side by side, each on its share of the cores;
 the simulation runs them one after another on all of them). The payloads are identical.
 """
-    write_section("deployed-round", body)
+    write_section("deployed-round" + "".join(f"-{m}" for m in models), body)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,23 @@ def test_hf_model_needs_a_real_folder(tmp_path):
         load_config(compose_config(["model=hf"]))
     with pytest.raises(ConfigError, match="config.json"):
         load_config(compose_config(["model=hf", f"model.path={tmp_path}"]))
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (["deploy.bridged_phones=1"], "client.runtime=executorch"),
+    (["deploy.bridged_phones=1", "client.runtime=executorch", "privacy=sample"],
+     "no DP-SGD privacy ledger"),
+    (["deploy.bridged_phones=1", "client.runtime=executorch", "aggregation.upload=int8"],
+     "aggregation.upload=fp32"),
+    (["deploy.bridged_phones=99"], "federation.num_clients"),
+    (["deploy.max_message_mb=0"], "deploy.max_message_mb"),
+])
+def test_what_bridged_phones_cannot_do_is_refused_at_start_up(overrides, reason):
+    with pytest.raises(ConfigError, match=reason):
+        load_config(compose_config(["model=tiny", *overrides]))
+
+
+def test_bridged_phones_with_what_they_support_compose():
+    cfg = load_config(compose_config(["model=tiny", "deploy.bridged_phones=2",
+                                      "client.runtime=executorch", "privacy=user"]))
+    assert cfg.deploy.bridged_phones == 2 and cfg.deploy.warm_phones

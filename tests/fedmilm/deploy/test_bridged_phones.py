@@ -48,7 +48,7 @@ def _phase(storage: Path) -> str | None:
 def test_a_reference_phone_killed_mid_job_costs_one_reply_and_its_next_job_succeeds(tmp_path):
     cfg = tiny_config("federation.num_clients=2", "federation.clients_per_round=2",
                       "federation.rounds=2", "federation.min_replies=1",
-                      "federation.round_timeout_s=45", "client.runtime=executorch",
+                      "federation.round_timeout_s=30", "client.runtime=executorch",
                       "client.delegate=none", "deploy.bridged_phones=1",
                       "deploy.reference_phones=false", "train.lr=0.02")
     run_dir = tmp_path / "run"
