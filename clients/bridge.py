@@ -107,8 +107,10 @@ class BridgedPhone:
                       clip_norm=cfg.privacy.user.clip_norm if cfg.privacy.user_level else None,
                       expires=deadline - REPLY_MARGIN_S)
         job = self.bridge.board.post(self.device, offer)
-        log.info("round %d: job for bridged phone %s, due in %.0f s", offer.server_round,
-                 self.device, offer.expires - time.time())
+        # under user-level DP who takes part is secret from log readers (as on the server)
+        say = log.debug if cfg.privacy.user_level else log.info
+        say("round %d: job for bridged phone %s, due in %.0f s", offer.server_round,
+            self.device, offer.expires - time.time())
         if not self.bridge.board.wait(job):
             raise TimeoutError("the phone did not finish its job before the round's deadline")
         assert job.result is not None
@@ -128,7 +130,7 @@ class BridgedPhone:
                                     protocol.TRAIN_STEPS: result.steps,
                                     protocol.TRAIN_TOKENS: result.tokens,
                                     protocol.TRAIN_SECONDS: float(result.seconds)})
-        log.info("round %d: bridged phone %s delivered", offer.server_round, self.device)
+        say("round %d: bridged phone %s delivered", offer.server_round, self.device)
         arrays = wire.encode(update, "fp32", SecureRandom())
         return Message(content=RecordDict({protocol.UPDATE_ARRAYS: arrays,
                                            protocol.METRICS: metrics}), reply_to=message)

@@ -171,6 +171,9 @@ class ReferencePhone:
         if offer["adapter"]["size"] != floats.size_of(shapes):
             raise ValueError("the job's adapter does not fit the bundle's manifest")
         folder = self.storage / "jobs" / job_id
+        for old in (self.storage / "jobs").glob("*"):  # left by a job that expired or crashed
+            if old.name != job_id:
+                shutil.rmtree(old, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         self.progress(job=job_id, phase="adapter")
         self.bridge.download(offer["adapter"]["path"], folder / "adapter.f32",
