@@ -305,8 +305,9 @@ def _check_aggregation(cfg: FedMilmConfig, problems: list[str]) -> None:
 
 def _check_deploy(cfg: FedMilmConfig, problems: list[str]) -> None:
     deploy = cfg.deploy
-    if deploy.port is not None and not 0 < deploy.port < 65536:
-        problems.append(f"deploy.port={deploy.port} must be in [1, 65535] or null (a free one)")
+    for key, port in (("port", deploy.port), ("bridge_port", deploy.bridge_port)):
+        if port is not None and not 0 < port < 65536:
+            problems.append(f"deploy.{key}={port} must be in [1, 65535] or null (a free one)")
     if deploy.connect and not deploy.insecure and not deploy.credentials_dir:
         problems.append(f"deploy.connect={deploy.connect} needs deploy.credentials_dir (the "
                         "folder holding the SuperLink's ca.crt), or deploy.insecure=true")

@@ -75,6 +75,7 @@ def test_hf_model_needs_a_real_folder(tmp_path):
      "aggregation.upload=fp32"),
     (["deploy.bridged_phones=99"], "federation.num_clients"),
     (["deploy.max_message_mb=0"], "deploy.max_message_mb"),
+    (["deploy.bridge_port=70000"], "deploy.bridge_port"),
 ])
 def test_what_bridged_phones_cannot_do_is_refused_at_start_up(overrides, reason):
     with pytest.raises(ConfigError, match=reason):
