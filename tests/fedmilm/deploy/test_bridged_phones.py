@@ -57,12 +57,15 @@ def test_a_reference_phone_killed_mid_job_costs_one_reply_and_its_next_job_succe
     with LocalFederation(cfg, run_dir) as federation:
         assert federation.bridge_url.startswith("https://") and federation.bridged == [1]
         phone_dir = federation.layout.device_dir(1)
+        # the phone is up and polling before the run starts (its first job is round 1's)
+        phone = federation.start_reference_phone(1, upload_piece_kb=1)
+        _wait(lambda: not (phone_dir / "enrolment").exists(), 300,
+              "the phone never registered its key", federation)
         outcome: dict[str, int] = {}
         run = threading.Thread(target=lambda: outcome.update(
             code=federation.submit_and_stream(echo=False)))
         run.start()
         try:
-            phone = federation.start_reference_phone(1, upload_piece_kb=1)
             _wait(lambda: _phase(phone_dir) in MID_JOB, 300, "the phone never started a job",
                   federation)
             phone.proc.send_signal(signal.SIGKILL)  # mid-job, whatever it was doing
