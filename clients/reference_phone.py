@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from fedmilm.bridge import floats
 from fedmilm.bridge.signing import load_private, new_key, private_pem, public_pem, sign
 from fedmilm.data.chat import Example
-from fedmilm.export.job import TrainJob
+from fedmilm.export.job import JobResult, TrainJob
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
 from fedmilm.export.runtime import PhonePrograms, train_with_programs
 from fedmilm.privacy.user_level import clip_update
@@ -191,7 +191,7 @@ class ReferencePhone:
         if offer.get("clip_norm") is not None:  # user-level DP: bounded before it leaves
             update = clip_update(update, float(offer["clip_norm"]))
         self.upload(offer, floats.pack([update[k] for k in global_keys]))
-        self.bridge.checked("POST", offer["result"], result.to_json().encode())
+        self.bridge.checked("POST", offer["result"], released(offer, result).to_json().encode())
         shutil.rmtree(folder, ignore_errors=True)
         self.progress(job=job_id, phase="done", round=offer["round"])
         log.info("phone %s: job of round %d done", self.bridge.device, offer["round"])
@@ -243,6 +243,14 @@ class ReferencePhone:
             log.warning("phone %s: job of round %s expired before it was done",
                         self.bridge.device, offer.get("round"))
         return True
+
+
+def released(offer: dict, result: JobResult) -> JobResult:
+    """What the phone tells about its training: under user-level DP (the offer has a clip)
+    nothing derived from its data leaves it but the clipped update, so every count is 0."""
+    if offer.get("clip_norm") is None:
+        return result
+    return JobResult(steps=0, examples=0, tokens=0, loss=0.0, seconds=0.0)
 
 
 def _sha256(path: Path) -> str:

@@ -221,3 +221,12 @@ def test_bundle_files_are_served_by_name_only(bridge, credentials, tmp_path):
                           headers={"Range": "bytes=1000-"}).body == data[1000:]
     for name in ("base.ptd", "..%2Fkey.pem", "../../etc/passwd"):
         assert client.request("GET", f"/v1/bundles/{'a' * 64}/{name}").status == 404
+
+
+def test_a_dp_phone_reports_nothing_derived_from_its_data():
+    from fedmilm.clients.reference_phone import released
+
+    trained = JobResult(steps=6, examples=48, tokens=2000, loss=1.7, seconds=3.2)
+    assert released({"clip_norm": None}, trained) == trained
+    assert json.loads(released({"clip_norm": 0.5}, trained).to_json()) == {
+        "steps": 0, "examples": 0, "tokens": 0, "loss": 0.0, "seconds": 0.0}

@@ -108,7 +108,9 @@ class Bridge(private val base: String, private val device: String, private val k
                 JSONObject(conn.inputStream.bufferedReader().readText()).getInt("received")
             } catch (e: java.io.IOException) { Thread.sleep(1000); received(offer) }
         }
-        val conn = send("POST", offer.resultPath, result.toJson().toByteArray())
+        // under user-level DP nothing derived from the phone's data leaves it but the update
+        val told = if (offer.clipNorm == null) result else JobResult(0, 0, 0, 0.0, 0.0)
+        val conn = send("POST", offer.resultPath, told.toJson().toByteArray())
         if (conn.responseCode == 410) throw Expired()
         check(conn.responseCode == 204) { "result refused: ${conn.responseCode}" }
     }
