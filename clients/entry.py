@@ -20,7 +20,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedmilm import protocol
 from fedmilm.clients.service import FAILED, OK, encode_request
-from fedmilm.deploy.link import LinkError, LinkPaths, read_key, request
+from fedmilm.deploy.link import LinkError, LinkPaths, NoEndpoint, read_key, request
 
 DEFAULT_MAX_MB = 256
 ENDPOINT_WAIT_S = 60.0  # how long a relay waits for a (re)starting endpoint to listen
@@ -34,8 +34,8 @@ def _request(paths: LinkPaths, frames: list[bytes], max_bytes: int) -> list[byte
     while True:
         try:
             return request(paths, key, frames, max_bytes=max_bytes, timeout_s=None)
-        except LinkError as err:
-            if not str(err).startswith("no phone endpoint") or time.monotonic() > deadline:
+        except NoEndpoint:
+            if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 

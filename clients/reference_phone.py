@@ -18,7 +18,6 @@ import hashlib
 import http.client
 import json
 import logging
-import os
 import shutil
 import ssl
 import sys
@@ -28,8 +27,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fedmilm.bridge import floats
-from fedmilm.bridge.signing import load_private, new_key, private_pem, public_pem, sign
+from fedmilm.bridge.signing import load_private, new_key, public_pem, sign
 from fedmilm.data.chat import Example
+from fedmilm.deploy.credentials import private_pem, write_file
 from fedmilm.export.job import JobResult, TrainJob
 from fedmilm.export.ptd import adapter_to_ptd, ptd_to_adapter
 from fedmilm.export.runtime import PhonePrograms, train_with_programs
@@ -68,9 +68,7 @@ class BridgeClient:
     def _own_key(self):  # noqa: ANN202 - cryptography's private key type
         path = self.storage / "key.pem"
         if not path.is_file():
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "wb") as out:
-                out.write(private_pem(new_key()))
+            write_file(path, private_pem(new_key()), private=True)
         return load_private(path.read_bytes())
 
     def request(self, method: str, target: str, body: bytes = b"", *, signed: bool = True,

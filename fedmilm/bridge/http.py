@@ -58,16 +58,16 @@ class BundleFiles:
 
     @staticmethod
     def of(folder: Path) -> tuple[str, BundleFiles]:
-        """(bundle id = the manifest's sha256, its files) for an exported bundle folder."""
+        """(bundle id = the manifest's sha256, its files) for an exported bundle folder. The
+        other files' digests are the manifest's own (the base is not read again): a file on
+        disk that no longer matches is refused by the phone, as by any runtime."""
         manifest = Manifest.read(folder)
-        names = [MANIFEST_FILE, manifest.base.file, *sorted(manifest.sha256)]
-        files = {}
-        for name in dict.fromkeys(names):
-            digest = hashlib.sha256()
-            with open(inside(folder, name, f"{folder}/manifest.json"), "rb") as data:
-                while chunk := data.read(SEND_CHUNK):
-                    digest.update(chunk)
-            files[name] = {"size": (folder / name).stat().st_size, "sha256": digest.hexdigest()}
+        raw = (folder / MANIFEST_FILE).read_bytes()
+        digests = {**manifest.sha256, manifest.base.file: manifest.base.sha256}
+        files = {MANIFEST_FILE: {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}}
+        for name, digest in sorted(digests.items()):
+            path = inside(folder, name, f"{folder}/{MANIFEST_FILE}")
+            files[name] = {"size": path.stat().st_size, "sha256": digest}
         return files[MANIFEST_FILE]["sha256"], BundleFiles(folder, files)
 
 

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from dataclasses import asdict
 from pathlib import Path
 
 from fedmilm.config import FedMilmConfig
 from fedmilm.data import encode_all, load_user
+from fedmilm.deploy.credentials import write_file
 from fedmilm.model import load_tokenizer
-
-
-def _private_file(path: Path, text: str) -> None:
-    path.unlink(missing_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as out:
-        out.write(text)
 
 
 def provision_phone(storage: Path, cfg: FedMilmConfig, partition: int, *, bridge_url: str,
@@ -38,9 +31,9 @@ def provision_phone(storage: Path, cfg: FedMilmConfig, partition: int, *, bridge
     tokenizer = load_tokenizer(cfg.model)
     user = load_user(cfg.data, user=partition, seed=cfg.seed)
     lines = [json.dumps(asdict(e)) for e in encode_all(tokenizer, user.train, cfg.data.max_length)]
-    _private_file(storage / "interactions.jsonl", "\n".join(lines) + "\n")
+    write_file(storage / "interactions.jsonl", ("\n".join(lines) + "\n").encode(), private=True)
     code = secrets.token_urlsafe(24)
-    _private_file(storage / "enrolment", code)
+    write_file(storage / "enrolment", code.encode(), private=True)
     return hashlib.sha256(code.encode()).hexdigest()
 
 

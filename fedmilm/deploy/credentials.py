@@ -48,15 +48,18 @@ class Credentials:
         return self.folder / "nodes" / f"node-{index}.pub"
 
 
-def _write(path: Path, data: bytes, *, private: bool) -> None:
+def write_file(path: Path, data: bytes, *, private: bool) -> None:
+    """Write `path` afresh, created with its mode (0600 if `private`): a file that was there
+    before is removed first, so its old, looser mode never carries over to a secret."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(path, flags, 0o600 if private else 0o644)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (it is kept in a 0600 file)."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -100,24 +103,24 @@ def create_credentials(folder: Path, *, num_nodes: int,
         ca_key = ec.generate_private_key(ec.SECP384R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmilm CA")])
         ca_cert = _certificate("fedmilm CA", ca_key.public_key(), name, ca_key, ca=True)
-        _write(folder / "ca.key", _pem_key(ca_key), private=True)
-        _write(creds.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+        write_file(folder / "ca.key", private_pem(ca_key), private=True)
+        write_file(creds.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     if not creds.server_cert.exists():
         ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
         ca_cert = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
         server_key = ec.generate_private_key(ec.SECP384R1())
         cert = _certificate("fedmilm superlink", server_key.public_key(), ca_cert.subject,
                             ca_key, ca=False, hosts=list(hosts))
-        _write(creds.server_key, _pem_key(server_key), private=True)
-        _write(creds.server_cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+        write_file(creds.server_key, private_pem(server_key), private=True)
+        write_file(creds.server_cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
     for index in range(num_nodes):
         if creds.node_key(index).exists():
             continue
         key = ec.generate_private_key(ec.SECP384R1())
-        _write(creds.node_key(index), key.private_bytes(
+        write_file(creds.node_key(index), key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption()), private=True)
-        _write(creds.node_public_key(index), key.public_key().public_bytes(
+        write_file(creds.node_public_key(index), key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n",
             private=False)
     return creds

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmilm.deploy.credentials import write_file
+
 KEY_BYTES = 32
 NONCE_BYTES = 32
 IDLE_S = 60.0  # a peer silent this long mid-request is dropped
@@ -33,6 +35,14 @@ _LENGTH = struct.Struct(">Q")
 
 class LinkError(RuntimeError):
     """The link failed: no endpoint, a wrong key, a broken or oversized frame."""
+
+
+class NoEndpoint(LinkError):
+    """Nothing listens on the device's socket (yet: an endpoint may be restarting)."""
+
+
+class LinkClosed(LinkError):
+    """The other side hung up mid-exchange (it refused us, or it stopped)."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +75,7 @@ def ensure_key(paths: LinkPaths) -> bytes:
     """The device's link key: made once from the OS CSPRNG (mode 0600), then kept, so a
     restarted endpoint and the device's relays still share it."""
     if not paths.key.is_file():
-        descriptor = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as out:
-            out.write(secrets.token_bytes(KEY_BYTES))
+        write_file(paths.key, secrets.token_bytes(KEY_BYTES), private=True)
     return read_key(paths)
 
 
@@ -94,7 +102,7 @@ def _read_exact(conn: socket.socket, size: int) -> bytes:
     while left:
         chunk = conn.recv(min(left, 1 << 20))
         if not chunk:
-            raise LinkError("the other side closed the link mid-frame")
+            raise LinkClosed("the other side closed the link mid-frame")
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
@@ -181,7 +189,7 @@ def request(paths: LinkPaths, key: bytes, frames: list[bytes], *, max_bytes: int
         try:
             conn.connect(str(paths.socket))
         except OSError as err:
-            raise LinkError(f"no phone endpoint at {paths.socket}: {err.strerror}") from err
+            raise NoEndpoint(f"no phone endpoint at {paths.socket}: {err.strerror}") from err
         try:
             server_nonce = _read_exact(conn, NONCE_BYTES)
             client_nonce = secrets.token_bytes(NONCE_BYTES)
@@ -194,8 +202,6 @@ def request(paths: LinkPaths, key: bytes, frames: list[bytes], *, max_bytes: int
             return read_frames(conn, max_bytes)
         except TimeoutError as err:
             raise LinkError(f"the phone endpoint did not answer within {timeout_s:.0f} s") from err
-        except (OSError, LinkError) as err:
-            if isinstance(err, OSError) or "closed the link" in str(err):
-                raise LinkError("the phone endpoint closed the link (refused, or it stopped "
-                                "mid-message)") from err
-            raise
+        except (OSError, LinkClosed) as err:
+            raise LinkClosed("the phone endpoint closed the link (refused, or it stopped "
+                             "mid-message)") from err
